@@ -1,0 +1,28 @@
+# The two commands a newcomer runs: `make demo` (the main job) and `make test`. Each sets itself up:
+# a virtual environment in .venv with torch (CPU build by default) and this package installed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench-memory lint clean
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: bench-memory
+
+bench-memory: $(STAMP)
+	$(PY) -m benchmarks.memory_cpu
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info

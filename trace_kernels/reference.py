@@ -1,0 +1,68 @@
+"""The materialized reference of `trace_loss`: every [N, V] and [M, V] tensor held at once, gradients by autograd.
+
+Written straight from the formulas of DESIGN.md section 2 and independent of the chunked paths (which
+use closed-form gradients), so that comparing the two tests both. For tests and small problems only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import TraceInputs
+from .output import TraceLossOutput
+
+
+def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
+    """Materialized `trace_loss` in the accumulation dtype (fp64 when the inputs are fp64)."""
+    acc = inp.acc_dtype
+    valid = inp.valid_N
+    z_NV = (inp.hidden_NH.to(acc) @ inp.weight_VH.to(acc).T) / inp.temperature
+    logp_NV = torch.log_softmax(z_NV, dim=-1)
+    p_NV = logp_NV.exp()
+    safe_targets = torch.where(valid, inp.targets_N, 0)
+    logp_N = logp_NV.gather(1, safe_targets[:, None]).squeeze(1)
+    entropy_N = -(p_NV * logp_NV).sum(-1)
+
+    # Padded rows get neutral values so that no NaN or Inf there can reach the loss or its gradient.
+    zero = torch.zeros((), dtype=acc, device=z_NV.device)
+    adv = torch.where(valid, inp.advantages_N.to(acc), zero)
+    old = logp_N.detach() if inp.old_logprobs_N is None else torch.where(valid, inp.old_logprobs_N.to(acc),
+                                                                          logp_N.detach())
+    ratio = torch.exp(logp_N - old)
+    pg = torch.maximum(-ratio * adv, -torch.clamp(ratio, 1 - inp.clip_low, 1 + inp.clip_high) * adv)
+    if inp.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -inp.dual_clip * adv), pg)
+    if inp.beta != 0:
+        ref = torch.where(valid, inp.ref_logprobs_N.to(acc), logp_N.detach())
+        delta = ref - logp_N
+        pg = pg + inp.beta * (torch.exp(delta) - delta - 1)
+    loss = torch.where(valid, inp.pg_weight_N * pg, zero).sum()
+    if inp.entropy_weight_N is not None:
+        loss = loss + torch.where(valid, inp.entropy_weight_N * entropy_N, zero).sum()
+
+    fkl_M = rkl_M = None
+    if inp.has_teacher:
+        u_MV = (inp.teacher_hidden_MH.to(acc) @ inp.teacher_weight_VH.to(acc).T) / inp.temperature
+        logq_MV = torch.log_softmax(u_MV, dim=-1)
+        q_MV = logq_MV.exp()
+        logps_MV = logp_NV[inp.kl_index_M]
+        ps_MV = p_NV[inp.kl_index_M]
+        fkl_terms = q_MV * (logq_MV - logps_MV)
+        rkl_terms = ps_MV * (logps_MV - logq_MV)
+        if inp.kl_term_clip is not None:
+            fkl_terms = torch.clamp(fkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
+            rkl_terms = torch.clamp(rkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
+        fkl_M, rkl_M = fkl_terms.sum(-1), rkl_terms.sum(-1)
+        if inp.fkl_weight_M is not None:
+            loss = loss + (inp.fkl_weight_M.to(acc) * fkl_M).sum()
+        if inp.rkl_weight_M is not None:
+            loss = loss + (inp.rkl_weight_M.to(acc) * rkl_M).sum()
+        fkl_M, rkl_M = fkl_M.detach().float(), rkl_M.detach().float()
+
+    return TraceLossOutput(
+        loss=loss,
+        logprobs=torch.where(valid, logp_N.detach(), zero).float(),
+        entropy=torch.where(valid, entropy_N.detach(), zero).float(),
+        fkl=fkl_M,
+        rkl=rkl_M,
+    )

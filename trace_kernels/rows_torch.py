@@ -1,0 +1,141 @@
+"""Row statistics and logit gradients of one chunk in plain PyTorch ops (the CPU path and the fallback).
+
+Given the chunk's student logits z [C, V] (already divided by the temperature, in the accumulation
+dtype) and the teacher logits u [K, V] of its K distilled rows, computes, with p = softmax(z), q =
+softmax(u), s = local student row of each distilled row, d = log p_s - log q:
+
+    logp_c = log p_c[y_c]                   entropy_c = -sum_v p log p
+    FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip)
+
+and, when asked, dloss/dz (DESIGN.md section 2):
+
+    dz_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
+         + sum_{k: s_k = c} fw_k (p_c - q_k) + rw_k p_c (d_k - RKL_k)      (unclipped)
+
+With a clip c, only the unclamped terms U count:
+    forward:  -q [v in U] + p sum_{w in U} q_w
+    reverse:  [v in U] p (d + 1) - p sum_{w in U} p_w (d_w + 1)
+
+Every [rows, V] tensor is a Workspace buffer reused across chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._gemm import Workspace
+
+# [V] buffers per student row and per distilled row (fp32 ones, and bool masks counted as a quarter);
+# the chunk planner sizes chunks with these so that a chunk stays under the memory budget.
+STUDENT_ROW_BUFFERS = 2
+TEACHER_ROW_BUFFERS = 8
+
+
+def _rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """sum_v a * b per row without a [C, V] temporary."""
+    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+
+
+def _softmax_stats(z_CV: torch.Tensor, p_CV: torch.Tensor) -> torch.Tensor:
+    """Write softmax(z) into p_CV and log-softmax over z_CV in place; return lse [C]. No other [C, V]."""
+    m_C = z_CV.amax(dim=1, keepdim=True)
+    torch.sub(z_CV, m_C, out=p_CV).exp_()
+    s_C = p_CV.sum(dim=1, keepdim=True)
+    p_CV.div_(s_C)
+    lse_C = m_C + s_C.log()
+    z_CV.sub_(lse_C)
+    return lse_C.squeeze(1)
+
+
+def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip, need_grad):
+    """FKL, RKL [K] and, if need_grad, the distilled rows' logit gradient dz [K, V]. u_KV is consumed."""
+    k = u_KV.shape[0]
+    q_KV = ws.get("q", k, teacher=True)
+    _softmax_stats(u_KV, q_KV)  # u is now log q
+    ps_KV = torch.index_select(p_CV, 0, local_K, out=ws.get("ps", k, teacher=True))
+    d_KV = torch.index_select(logp_CV, 0, local_K, out=ws.get("d", k, teacher=True)).sub_(u_KV)
+    dz_KV = ws.get("dzk", k, teacher=True).zero_() if need_grad else None
+    tmp_KV = u_KV  # log q is no longer needed: its buffer becomes scratch
+    if clip is None:
+        fkl_K = -_rowdot(q_KV, d_KV)
+        rkl_K = _rowdot(ps_KV, d_KV)
+        if need_grad and fkl_w_K is not None:
+            dz_KV.add_(torch.sub(ps_KV, q_KV, out=tmp_KV).mul_(fkl_w_K[:, None]))
+        if need_grad and rkl_w_K is not None:
+            dz_KV.add_(torch.sub(d_KV, rkl_K[:, None], out=tmp_KV).mul_(ps_KV).mul_(rkl_w_K[:, None]))
+        return fkl_K, rkl_K, dz_KV
+    keep_KV = ws.get("keep", k, teacher=True, dtype=torch.bool)
+    upper_KV = ws.get("upper", k, teacher=True, dtype=torch.bool)
+
+    def unclamped(t_KV):  # U = {-clip <= t <= clip}, where clamp passes the gradient
+        torch.ge(t_KV, -clip, out=keep_KV)
+        return keep_KV.logical_and_(torch.le(t_KV, clip, out=upper_KV))
+
+    # forward KL terms -q d
+    torch.mul(q_KV, d_KV, out=tmp_KV).neg_()
+    unclamped(tmp_KV)
+    fkl_K = tmp_KV.clamp_(-clip, clip).sum(1)
+    if need_grad and fkl_w_K is not None:
+        qkeep_KV = q_KV.mul_(keep_KV)
+        dz_KV.add_(torch.mul(ps_KV, qkeep_KV.sum(1, keepdim=True), out=tmp_KV).sub_(qkeep_KV)
+                   .mul_(fkl_w_K[:, None]))
+    # reverse KL terms p d
+    torch.mul(ps_KV, d_KV, out=tmp_KV)
+    unclamped(tmp_KV)
+    rkl_K = tmp_KV.clamp_(-clip, clip).sum(1)
+    if need_grad and rkl_w_K is not None:
+        w_KV = d_KV.add_(1).mul_(ps_KV).mul_(keep_KV)  # [v in U] p (d + 1)
+        dz_KV.add_(torch.mul(ps_KV, w_KV.sum(1, keepdim=True), out=tmp_KV).neg_().add_(w_KV)
+                   .mul_(rkl_w_K[:, None]))
+    return fkl_K, rkl_K, dz_KV
+
+
+def chunk_rows(
+    ws: Workspace,
+    z_CV: torch.Tensor,
+    inv_t: float,
+    targets_C: torch.Tensor,
+    u_KV: torch.Tensor | None,
+    local_K: torch.Tensor | None,
+    fkl_w_K: torch.Tensor | None,
+    rkl_w_K: torch.Tensor | None,
+    kl_term_clip: float | None,
+    entropy_weight_C: torch.Tensor | None,
+    coefficients: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    need_grad: bool,
+):
+    """Return (logp_C, entropy_C, fkl_K, rkl_K, dz_CV): dz w.r.t. the scaled logits z * inv_t.
+    z_CV and u_KV are the unscaled logits (inv_t = 1 / temperature), consumed (overwritten).
+
+    targets_C holds a valid index on every row (ignored rows are mapped to 0 by the caller);
+    coefficients(logp_C, entropy_C) -> g_C, the PG coefficient (0 on ignored rows). dz_CV is None unless
+    need_grad."""
+    if inv_t != 1.0:
+        z_CV.mul_(inv_t)
+        if u_KV is not None:
+            u_KV.mul_(inv_t)
+    p_CV = ws.get("p", z_CV.shape[0])
+    _softmax_stats(z_CV, p_CV)
+    logp_CV = z_CV
+    logp_C = logp_CV.gather(1, targets_C[:, None]).squeeze(1)
+    entropy_C = -_rowdot(p_CV, logp_CV)
+
+    fkl_K = rkl_K = dz_KV = None
+    if u_KV is not None:
+        fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, kl_term_clip, need_grad)
+
+    g_C = coefficients(logp_C, entropy_C)
+    if not need_grad:
+        return logp_C, entropy_C, fkl_K, rkl_K, None
+    # dz = p * (-(g + ew H) - ew log p) + g onehot(y), built in the p buffer.
+    if entropy_weight_C is None:
+        dz_CV = p_CV.mul_(-g_C[:, None])
+    else:
+        ew = entropy_weight_C[:, None]
+        dz_CV = p_CV.mul_(logp_CV.mul_(-ew).sub_(g_C[:, None] + ew * entropy_C[:, None]))
+    dz_CV.scatter_add_(1, targets_C[:, None], g_C[:, None])
+    if dz_KV is not None:
+        dz_CV.index_add_(0, local_K, dz_KV)
+    return logp_C, entropy_C, fkl_K, rkl_K, dz_CV
