@@ -20,16 +20,20 @@ def triton_available() -> bool:
     return True
 
 
-def _resolve_impl(impl: str, device: torch.device) -> str:
+def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if use_triton else "torch"
     if impl == "triton":
         if not triton_available():
             raise ValueError("impl='triton' needs the triton package, which is not installed")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"impl='triton' runs on CUDA tensors, or on {device.type} under TRITON_INTERPRET=1")
+        if dtype == torch.float64:
+            raise ValueError("impl='triton' computes in fp32 and takes fp32/bf16/fp16 hidden; use impl='torch' "
+                             "for float64")
     return impl
 
 
@@ -75,7 +79,7 @@ def trace_loss(
         fkl_weight=fkl_weight, rkl_weight=rkl_weight, kl_term_clip=kl_term_clip, entropy_weight=entropy_weight,
         ignore_index=ignore_index,
     )
-    impl = _resolve_impl(impl, hidden.device)
+    impl = _resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "reference":
         return reference_trace_loss(inp)
     return chunked_trace_loss(inp, backend=impl)
