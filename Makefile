@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench-memory lint clean
+.PHONY: test demo bench bench-memory lint clean
 
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: bench-memory
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_loss --quick
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory_cpu

@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["trace_kernels", "trace_kernels.*", "trace_train", "trace_train.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # torch is not pinned: an unpinned or newer-only requirement would pull a multi-GB CUDA build onto a
     # CPU machine; the Makefile installs torch==2.13.0 (CPU) first, and any torch >= 2.4 satisfies this.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],

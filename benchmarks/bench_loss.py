@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         return 2
     dtype = DTYPES[args.dtype]
     ns, vs = [int(x) for x in args.n.split(",")], [int(x) for x in args.v.split(",")]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
     out = args.out or os.path.join("benchmarks", "out", f"bench_loss-{args.device}-{stamp}")
     os.makedirs(out, exist_ok=True)
     card = (torch.cuda.get_device_name() if args.device == "cuda"

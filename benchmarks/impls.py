@@ -67,11 +67,15 @@ def _trace(impl: str) -> Callable[[Problem], Callable[[], torch.Tensor]]:
 
 
 def _naive_compile(p: Problem):
+    import dataclasses
+
     from trace_kernels._inputs import check_inputs
     from trace_kernels.reference import reference_trace_loss
 
-    compiled = torch.compile(lambda h, w: reference_trace_loss(check_inputs(h, w, p.targets, p.advantages,
-                                                                             **p.kwargs)).loss, dynamic=False)
+    # Validated once, outside: its data-dependent checks would break the graph.
+    inp = check_inputs(p.hidden, p.weight, p.targets, p.advantages, **p.kwargs)
+    compiled = torch.compile(
+        lambda h, w: reference_trace_loss(dataclasses.replace(inp, hidden_NH=h, weight_VH=w)).loss, dynamic=False)
     return lambda: compiled(p.hidden, p.weight)
 
 

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
     out_dir = args.out or os.path.join("benchmarks", "out", f"memory_cpu-{stamp}")
     os.makedirs(out_dir, exist_ok=True)
     rows = []

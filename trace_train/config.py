@@ -1,0 +1,154 @@
+"""Typed run configuration: dataclasses loaded from TOML, any key overridable as `section.key=value`.
+
+    cfg = load_config("configs/toy.toml", ["train.max_steps=20", "trace.reverse_kl=true"])
+    save_config(cfg, "runs/x/config.toml")   # the resolved config, kept with the run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+ALGORITHMS = ("grpo", "trace", "opd_all")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # a local Hugging Face folder; empty: the tiny model built in-process
+    tiny_layers: int = 2
+    tiny_hidden: int = 64
+    tiny_heads: int = 4
+    dtype: str = "float32"  # "bfloat16" on GPUs
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "trace"  # grpo | trace | opd_all
+    max_steps: int = 40
+    output_dir: str = "runs/default"
+    seed: int = 0
+    lr: float = 1e-4
+    prompts_per_step: int = 8
+    rollouts_per_prompt: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 10
+    resume: bool = False
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    beta: float = 0.0
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean
+    advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
+    kl_term_clip: float = 0.05
+
+
+@dataclass
+class TraceConfig:
+    w0: float = 0.5  # initial lambda, and the span GRPO weight's denominator
+    hold_steps: int = 10  # lambda = w0 for these steps
+    decay_steps: int = 30  # then linearly to 0 over these
+    forward_kl: bool = True  # FKL(teacher || student) on key spans of correct rollouts
+    reverse_kl: bool = False  # RKL(student || teacher) on error spans of incorrect rollouts
+    span_cap: float = 0.25  # marked tokens at most this fraction of the response
+    annotator: str = "rule"  # rule | api | self
+    teacher: str = "live"  # live | snapshot
+    snapshot_every: int = 10
+    opd_all_direction: str = "reverse"  # the KL of the all-token baseline
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+
+    def validate(self) -> Config:
+        if self.train.algorithm not in ALGORITHMS:
+            raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
+        if self.loss.aggregation not in ("token-mean", "seq-mean-token-mean"):
+            raise ValueError(f"loss.aggregation: unknown {self.loss.aggregation!r}")
+        if self.loss.advantage_norm not in ("std", "mean"):
+            raise ValueError(f"loss.advantage_norm: unknown {self.loss.advantage_norm!r}")
+        if not 0 < self.trace.span_cap <= 1:
+            raise ValueError(f"trace.span_cap must be in (0, 1], got {self.trace.span_cap}")
+        if self.trace.w0 <= 0:
+            raise ValueError(f"trace.w0 must be > 0, got {self.trace.w0}")
+        if self.trace.opd_all_direction not in ("forward", "reverse"):
+            raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
+        return self
+
+
+def _coerce(value, typ, key: str):
+    """A TOML or command-line value as the field's type (command-line values arrive as strings)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union:
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = json.loads(value.lower() if typ is bool else value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key}: cannot read {value!r} as {typ.__name__}") from e
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value) -> None:
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub):
+        raise ValueError(f"unknown config section {section!r} (have: {[f.name for f in dataclasses.fields(cfg)]})")
+    hints = typing.get_type_hints(type(sub))
+    if key not in hints:
+        raise ValueError(f"unknown config key {section}.{key}")
+    setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file's [section] tables, then `section.key=value` overrides, validated."""
+    cfg = Config()
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: top-level {section!r} must be a [section] table")
+            for key, value in table.items():
+                _apply(cfg, section, key, value)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must read section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, value)
+    return cfg.validate()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def save_config(cfg: Config, path: str) -> None:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
