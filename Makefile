@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,train]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -1,0 +1,133 @@
+"""The policy: a local Hugging Face causal LM, or a tiny Qwen3 with a character tokenizer built in-process
+(tests and the CPU demo never download anything), and the two things the loss needs from it: the hidden
+states of the positions that predict response tokens (without computing logits) and the LM-head weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+# Everything the synthetic task's prompts, solutions and diagnostics use.
+ALPHABET = "0123456789+-*=,;:\n QARD" + "abcdefghijklmnopqrstuvwxyz"
+
+
+def build_char_tokenizer(alphabet: str = ALPHABET):
+    """A one-character-per-token Hugging Face tokenizer (offsets, decoding and saving work as usual)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIALS) + sorted(set(alphabet)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A tiny Qwen3 (tied embeddings, like the small Qwen3 models) from a config, randomly initialised."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden,
+        num_hidden_layers=cfg.tiny_layers, num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=max(1, cfg.tiny_heads // 2), head_dim=cfg.tiny_hidden // cfg.tiny_heads,
+        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config).to(getattr(torch, cfg.dtype))
+
+
+def load_policy(cfg: ModelConfig, seed: int = 0):
+    """(model, tokenizer): from_pretrained on cfg.path (a local folder), else the tiny model."""
+    if cfg.path:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        attn = "sdpa"
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        except ImportError:
+            pass
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype),
+                                                     attn_implementation=attn)
+        return model, tokenizer
+    tokenizer = build_char_tokenizer()
+    return build_tiny_model(cfg, tokenizer, seed), tokenizer
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The [V, H] LM-head weight (the tied embedding where tied)."""
+    return model.get_output_embeddings().weight
+
+
+@dataclass
+class Batch:
+    """B sequences prompt_b + response_b, right-padded to T. The N = sum_b L_b loss rows are the positions
+    that predict the response tokens: row (b, j) is position prompt_len_b - 1 + j, its target response_b[j]."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [N] positions in the flattened [B * T]
+    targets: torch.Tensor  # [N]
+    response_lens: list[int]
+
+
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    if len(prompts) != len(responses):
+        raise ValueError("one prompt per response")
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows, targets = [], []
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise ValueError("every prompt needs at least one token (it predicts the first response token)")
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[b, :len(p) + len(r)] = 1
+        rows.extend(b * width + len(p) - 1 + j for j in range(len(r)))
+        targets.extend(r)
+    return Batch(ids, mask, torch.tensor(rows, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+                 [len(r) for r in responses])
+
+
+def response_hidden(model, batch: Batch) -> torch.Tensor:
+    """[N, H] final-norm hidden states of the rows predicting response tokens; the LM head is not run."""
+    device = next(model.parameters()).device
+    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[batch.rows.to(device)]
+
+
+def token_char_offsets(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each token's text inside decode(ids). Per-token decoding where it concatenates to the
+    whole (character and most BPE tokenizers), else by decoding prefixes (multi-byte pieces)."""
+    pieces = [tokenizer.decode([i], skip_special_tokens=True) for i in ids]
+    if "".join(pieces) != tokenizer.decode(ids, skip_special_tokens=True):
+        ends = [len(tokenizer.decode(ids[:j + 1], skip_special_tokens=True)) for j in range(len(ids))]
+        starts = [0] + ends[:-1]
+        return list(zip(starts, ends))
+    out, pos = [], 0
+    for piece in pieces:
+        out.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return out
+
+
+def char_to_token_spans(char_spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token spans [start, end) covering each character span (every token that overlaps it)."""
+    out = []
+    for cs, ce in char_spans:
+        hit = [j for j, (s, e) in enumerate(offsets) if s < ce and cs < e and e > s]
+        if hit:
+            out.append((hit[0], hit[-1] + 1))
+    return out
