@@ -31,6 +31,7 @@ import time
 import torch
 
 from benchmarks.impls import ALL_CASES, IMPLS, make_problem
+from benchmarks.rss import reset_peak, status_kb
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,9 +97,7 @@ def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, d
     if device == "cpu":
         # Reset before the warm-up: memory the warm-up makes resident stays resident (the heap keeps it)
         # and would otherwise never show in the high-water mark.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _rss_kb("VmRSS") * 1024
+        base = reset_peak()
     once()  # warm-up: compilation, autotuning, allocator
     if device == "cuda":
         torch.cuda.synchronize()
@@ -109,17 +108,9 @@ def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, d
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else status_kb("VmHWM") * 1024
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "peak_extra_mb": (peak - base) / 2**20}
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def run_fresh(args, name: str, case: str, n: int, v: int, m: int) -> dict:

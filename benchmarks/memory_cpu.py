@@ -23,15 +23,9 @@ import subprocess
 import sys
 import time
 
+from benchmarks.rss import reset_peak, status_kb
+
 IMPLS = {"naive": "reference", "trace_torch": "torch"}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(args) -> dict:
@@ -54,9 +48,7 @@ def worker(args) -> dict:
         return loss
 
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    rss0 = _status_kb("VmRSS")
+    rss0 = reset_peak()
     times, loss = [], None
     with tk.chunk_budget(float(args.budget_mb) or tk.get_chunk_budget_mb()):
         for i in range(args.repeats + 1):
@@ -65,7 +57,7 @@ def worker(args) -> dict:
             if i:  # the first pass warms up allocator and thread pool
                 times.append(time.perf_counter() - t0)
     return {"impl": args.worker, "loss": loss, "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "peak_extra_mb": (_status_kb("VmHWM") - rss0) / 1024,
+            "max_s": max(times), "peak_extra_mb": (status_kb("VmHWM") * 1024 - rss0) / 2**20,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
