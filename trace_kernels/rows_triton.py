@@ -183,6 +183,7 @@ def chunk_rows(
     _student_stats_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, inv_t, max_C, logs_C, logp_C, ent_C, v,
                                 BLOCK_V=block, num_warps=warps)
     fkl_K = rkl_K = None
+    kl_grad = need_grad and u_KV is not None and (fkl_w_K is not None or rkl_w_K is not None)
     if u_KV is not None:
         k = u_KV.shape[0]
         fkl_K = torch.empty(k, dtype=torch.float32, device=z_CV.device)
@@ -193,13 +194,13 @@ def chunk_rows(
             dummy if fkl_w_K is None else fkl_w_K.contiguous(), dummy if rkl_w_K is None else rkl_w_K.contiguous(),
             inv_t, 0.0 if kl_term_clip is None else kl_term_clip, fkl_K, rkl_K, v,
             HAS_FW=fkl_w_K is not None, HAS_RW=rkl_w_K is not None, CLIP=kl_term_clip is not None,
-            NEED_GRAD=need_grad and (fkl_w_K is not None or rkl_w_K is not None), BLOCK_V=block, num_warps=warps)
+            NEED_GRAD=kl_grad, BLOCK_V=block, num_warps=warps)
     g_C = coefficients(logp_C, ent_C)
     if not need_grad:
         return logp_C, ent_C, fkl_K, rkl_K, None
     _student_grad_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, max_C, logs_C, ent_C, g_C.contiguous(),
                                g_C if entropy_weight_C is None else entropy_weight_C.contiguous(), inv_t, v,
                                HAS_EW=entropy_weight_C is not None, BLOCK_V=block, num_warps=warps)
-    if u_KV is not None and (fkl_w_K is not None or rkl_w_K is not None):
+    if kl_grad:  # u holds the distilled rows' dz only when the KL kernel wrote it
         z_CV.index_add_(0, local_K, u_KV)
     return logp_C, ent_C, fkl_K, rkl_K, z_CV
