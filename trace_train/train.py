@@ -26,6 +26,8 @@ from .rollout import HFRollouts
 from .routing import cap_spans, group_advantages, lambda_at, route
 from .step import batch_loss
 
+TASK_STEPS = (1, 3)  # operations per training problem of the synthetic task (inclusive range)
+
 
 def run(cfg: Config) -> list[dict]:
     """Train; returns the metrics of the steps run (also appended to <output_dir>/metrics.jsonl)."""
@@ -45,7 +47,7 @@ def run(cfg: Config) -> list[dict]:
         t0 = time.perf_counter()
         rng = random.Random(t.seed * 1_000_003 + step)
         torch.manual_seed(t.seed * 1_000_003 + step)
-        problems = [arith.sample_problem(rng, rng.randint(*task_steps(cfg))) for _ in range(t.prompts_per_step)]
+        problems = [arith.sample_problem(rng, rng.randint(*TASK_STEPS)) for _ in range(t.prompts_per_step)]
         prompts = [tok(arith.student_prompt(p))["input_ids"] for p in problems]
         ro = engine.generate(prompts, t.rollouts_per_prompt)
         owners = [problems[i // t.rollouts_per_prompt] for i in range(len(ro.responses))]
@@ -67,7 +69,9 @@ def run(cfg: Config) -> list[dict]:
         routing = route(lens, [bool(r) for r in rewards.tolist()], key, err, algorithm=t.algorithm, lam=lam,
                         w0=tc.w0, forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl,
                         opd_all_direction=tc.opd_all_direction, aggregation=lc.aggregation)
-        teacher_prompts = [tok(arith.teacher_prompt(p, d))["input_ids"] for p, d in zip(owners, diagnostics)]
+        # The teacher runs only on routed rollouts, and only while lambda > 0.
+        teacher_prompts = ([tok(arith.teacher_prompt(p, d))["input_ids"] for p, d in zip(owners, diagnostics)]
+                           if routing.has_kl else None)
 
         t1 = time.perf_counter()
         out = batch_loss(model, tok.pad_token_id, ro.prompts, ro.responses, advantages, routing, lc,
@@ -98,11 +102,6 @@ def run(cfg: Config) -> list[dict]:
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
             save_checkpoint(model, opt, t.output_dir, step + 1)
     return history
-
-
-def task_steps(cfg: Config) -> tuple[int, int]:
-    """Number of operations per training problem (the synthetic task's length)."""
-    return (1, 3)
 
 
 def save_checkpoint(model, opt, out_dir: str, next_step: int) -> None:
