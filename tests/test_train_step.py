@@ -19,6 +19,7 @@ from trace_train.model import (  # noqa: E402
     response_hidden,
     token_char_offsets,
 )
+from trace_train.policy import Policy  # noqa: E402
 from trace_train.routing import route  # noqa: E402
 from trace_train.step import batch_loss, teacher_rows_for  # noqa: E402
 
@@ -122,7 +123,7 @@ def test_batch_loss_gradients_match_naive_full_logits(tok):
     old = torch.randn(sum(len(r) for r in responses), dtype=torch.float64) * 0.1 - 4.0
     cfg = LossConfig()
 
-    out = batch_loss(model, tok.pad_token_id, prompts, responses, advantages, routing, cfg,
+    out = batch_loss(Policy(model), tok.pad_token_id, prompts, responses, advantages, routing, cfg,
                      teacher_prompts=teacher_prompts, old_logprobs=old, impl="torch")
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     naive = _naive_batch_loss(model, tok, prompts, teacher_prompts, responses, advantages, routing, cfg, old)

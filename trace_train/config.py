@@ -21,8 +21,18 @@ class ModelConfig:
     tiny_layers: int = 2
     tiny_hidden: int = 64
     tiny_heads: int = 4
-    dtype: str = "float32"  # "bfloat16" on GPUs
+    dtype: str = "float32"  # the parameters' dtype (FSDP keeps fp32 masters; "bfloat16" without FSDP on GPUs)
+    compute_dtype: str = ""  # FSDP mixed precision: parameters cast to this for compute ("bfloat16"); "": dtype
     activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    task: str = "arith"  # arith (the synthetic task) | math (problems from files, math-verify rewards)
+    train_files: str = ""  # comma-separated .jsonl / .parquet (trace_train.tasks documents the fields)
+    eval_files: str = ""
+    min_ops: int = 1  # arith: operations per training problem
+    max_ops: int = 3
 
 
 @dataclass
@@ -36,9 +46,12 @@ class TrainConfig:
     rollouts_per_prompt: int = 8
     max_new_tokens: int = 64
     temperature: float = 1.0
+    engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set)
+    micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
     grad_clip: float = 1.0
     checkpoint_every: int = 10
     resume: bool = False
+    export_hf: bool = True  # save the final policy as a Hugging Face folder (safetensors) in <output_dir>/hf
 
 
 @dataclass
@@ -63,11 +76,17 @@ class TraceConfig:
     teacher: str = "live"  # live | snapshot
     snapshot_every: int = 10
     opd_all_direction: str = "reverse"  # the KL of the all-token baseline
+    api_base_url: str = ""  # annotator=api: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
+    api_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never the config
+    api_timeout_s: float = 60.0
+    api_retries: int = 2
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
@@ -83,6 +102,19 @@ class Config:
             raise ValueError(f"trace.span_cap must be in (0, 1], got {self.trace.span_cap}")
         if self.trace.w0 <= 0:
             raise ValueError(f"trace.w0 must be > 0, got {self.trace.w0}")
+        if self.data.task not in ("arith", "math"):
+            raise ValueError(f"data.task: unknown {self.data.task!r} (arith | math)")
+        if self.trace.annotator not in ("rule", "api", "self"):
+            raise ValueError(f"trace.annotator: unknown {self.trace.annotator!r} (rule | api | self)")
+        if self.trace.teacher not in ("live", "snapshot"):
+            raise ValueError(f"trace.teacher: unknown {self.trace.teacher!r} (live | snapshot)")
+        if self.train.engine not in ("auto", "hf", "vllm"):
+            raise ValueError(f"train.engine: unknown {self.train.engine!r} (auto | hf | vllm)")
+        for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "checkpoint_every"):
+            if getattr(self.train, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        if self.train.temperature <= 0:
+            raise ValueError(f"train.temperature must be > 0, got {self.train.temperature}")
         if self.trace.opd_all_direction not in ("forward", "reverse"):
             raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
         return self

@@ -1,5 +1,4 @@
-"""One batch of rollouts to the TRACE loss: student hidden states of the response tokens, the teacher's
-(same network, privileged prompt, no gradient) on the distilled rows only, and trace_loss.
+"""One micro-batch of rollouts to the TRACE loss, and the token-budget packing into micro-batches.
 
 Teacher and student see the same response token ids after different prompts, so token j of response b
 is predicted by student position |student prompt_b| - 1 + j and teacher position |teacher prompt_b| - 1 + j:
@@ -13,7 +12,7 @@ import torch
 import trace_kernels as tk
 
 from .config import LossConfig
-from .model import lm_head_weight, make_batch, response_hidden
+from .model import make_batch
 from .routing import Routing
 
 
@@ -29,8 +28,25 @@ def teacher_rows_for(routing: Routing, response_lens: list[int]) -> torch.Tensor
     return teacher_start[b] + routing.kl_index_M - student_start[b]
 
 
+def pack(seq_tokens: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of sequence indices whose token counts sum to at most `budget` (a longer sequence
+    gets a group of its own). budget <= 0: one group."""
+    if budget <= 0:
+        return [list(range(len(seq_tokens)))] if seq_tokens else []
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(seq_tokens):
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 def batch_loss(
-    model,
+    policy,
     pad_id: int,
     prompts: list[list[int]],
     responses: list[list[int]],
@@ -39,39 +55,45 @@ def batch_loss(
     loss_cfg: LossConfig,
     *,
     teacher_prompts: list[list[int]] | None = None,
-    teacher_model=None,
+    snapshot=None,
+    teacher_needed: bool | None = None,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     temperature: float = 1.0,
     impl: str = "auto",
 ) -> tk.TraceLossOutput:
-    """trace_loss for B rollouts. advantages: [B] per response (broadcast to its tokens); old/ref log-probs
-    [N] per response token; teacher_prompts: the privileged prompt of every response (used for those in
-    routing.teacher_responses); teacher_model: a snapshot, or None for the live policy."""
+    """trace_loss for B rollouts through `policy` (trace_train.policy.Policy, FSDP-sharded or not).
+    advantages: [B] per response (broadcast to its tokens); old/ref log-probs [N] per response token;
+    teacher_prompts: the privileged prompt of every response (used for routing.teacher_responses);
+    snapshot: a frozen Policy as the teacher, or None for the live one. teacher_needed: whether some rank
+    runs the teacher on this micro-batch (default: this one does); a rank with no distilled rows then runs
+    it on a one-token dummy so that every rank makes the same FSDP calls."""
     batch = make_batch(prompts, responses, pad_id)
-    hidden = response_hidden(model, batch)
-    device = hidden.device
+    device = policy.device
     lens = torch.tensor(batch.response_lens, device=device)
-    kw = {}
+    kw = dict(
+        targets=batch.targets.to(device),
+        advantages=torch.repeat_interleave(advantages.to(device, torch.float32), lens),
+        pg_weight=routing.pg_weight_N.to(device), old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        beta=loss_cfg.beta, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, temperature=temperature,
+        impl=impl,
+    )
+    if teacher_needed is None:
+        teacher_needed = routing.has_kl
+    tbatch = rows = None
     if routing.has_kl:
         if teacher_prompts is None:
             raise ValueError("teacher_prompts are required when routing has KL rows")
-        teacher = teacher_model or model
         sel = routing.teacher_responses
         tbatch = make_batch([teacher_prompts[b] for b in sel], [responses[b] for b in sel], pad_id)
-        with torch.no_grad():
-            teacher_hidden = response_hidden(teacher, tbatch)
-        kw = dict(
-            teacher_hidden=teacher_hidden[teacher_rows_for(routing, batch.response_lens).to(device)],
-            teacher_weight=None if teacher_model is None else lm_head_weight(teacher_model).detach(),
-            kl_index=routing.kl_index_M.to(device), fkl_weight=routing.fkl_weight_M.to(device),
-            rkl_weight=routing.rkl_weight_M.to(device), kl_term_clip=loss_cfg.kl_term_clip,
-        )
-    weight = lm_head_weight(model)
-    return tk.trace_loss(
-        hidden, weight, batch.targets.to(device),
-        torch.repeat_interleave(advantages.to(device, torch.float32), lens),
-        pg_weight=routing.pg_weight_N.to(device), old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        beta=loss_cfg.beta, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, temperature=temperature,
-        impl=impl, **kw,
-    )
+        rows = teacher_rows_for(routing, batch.response_lens)
+        kw.update(kl_index=routing.kl_index_M.to(device), fkl_weight=routing.fkl_weight_M.to(device),
+                  rkl_weight=routing.rkl_weight_M.to(device), kl_term_clip=loss_cfg.kl_term_clip)
+    elif teacher_needed:
+        tbatch = make_batch([[pad_id]], [[pad_id]], pad_id)
+    if tbatch is None:
+        return policy(batch, kw)
+    if snapshot is None:
+        return policy(batch, kw, teacher_batch=tbatch, teacher_rows=rows)
+    teacher = snapshot.teacher_outputs(tbatch, rows)
+    return policy(batch, kw, teacher=teacher if rows is not None else None)

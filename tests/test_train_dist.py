@@ -1,0 +1,104 @@
+"""FSDP2 on the CPU: `torchrun --nproc_per_node=2` (gloo) trains exactly what one process trains.
+
+Rollouts are seeded per rollout, so both runs sample the same tokens; what may differ is only the order
+of floating-point sums (gloo's reduce-scatter, micro-batch accumulation, batches padded to other widths).
+Tolerances:
+- those orders move hidden states by ~1e-7 and, after a step, weights by ~1e-8, so log-probs of magnitude
+  ~log V move by ~1e-7; the KL terms are differences of such log-probs between two near-identical
+  distributions (~1e-3 per token), so they, and the loss that sums them, are only good to ~1e-4 relative:
+  rel 2e-4 on loss / fkl / rkl, rel 1e-5 on the gradient norm and the entropy (sums of O(1) terms).
+- the exported weights after 3 AdamW steps at lr 3e-4: atol 1e-6 (each step moves a weight by up to ~lr,
+  so averaged instead of summed gradients, a rank-local normaliser or a wrong shard show up at 1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from trace_train.config import ModelConfig  # noqa: E402
+from trace_train.model import load_policy  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SMALL = ["train.prompts_per_step=4", "train.rollouts_per_prompt=4", "train.max_new_tokens=12"]
+
+
+def _launch(out, nproc: int, *overrides) -> list[dict]:
+    args = ["--config", os.path.join(ROOT, "configs", "toy.toml"), f"train.output_dir={out}", *SMALL, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trace_train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "trace_train", *args]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    model, _ = load_policy(ModelConfig(path=str(path)))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_run(one, two):
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        for k in ("reward", "response_length", "truncated", "span_fraction", "teacher_rollouts", "annotated_rollouts"):
+            assert a[k] == b[k], (a["step"], k)
+        for k in ("loss", "grad_norm", "entropy", "fkl", "rkl"):
+            if a[k] is None or b[k] is None:
+                assert a[k] is b[k], (a["step"], k)
+                continue
+            rel = 2e-4 if k in ("loss", "fkl", "rkl") else 1e-5
+            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-12), (a["step"], k)
+
+
+@pytest.mark.parametrize("overrides", [
+    # uneven micro-batches (a small token budget): ranks run dummies and the teacher in lockstep
+    ("train.algorithm=trace", "trace.reverse_kl=true", "train.micro_batch_tokens=150"),
+    # the all-token baseline against a teacher snapshot re-synced every 2 steps
+    ("train.algorithm=opd_all", "trace.teacher=snapshot", "trace.snapshot_every=2"),
+], ids=["trace-microbatched", "opd_all-snapshot"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, overrides):
+    steps = ["train.max_steps=3", "train.lr=3e-4", *overrides]
+    one = _launch(tmp_path / "one", 1, *steps)
+    two = _launch(tmp_path / "two", 2, *steps)
+    _assert_same_run(one, two)
+    if "train.micro_batch_tokens=150" in overrides:  # the ranks' micro-batch counts differ at some step
+        assert any(m["dummy_micro_batches"] > 0 for m in two)
+    w1, w2 = _weights(tmp_path / "one" / "hf"), _weights(tmp_path / "two" / "hf")
+    w0 = _weights_initial()
+    assert w1.keys() == w2.keys()
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    assert moved > 1e-4  # the weights did move, by more than the tolerance below
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _weights_initial() -> dict[str, torch.Tensor]:
+    from trace_train.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "toy.toml"))
+    model, _ = load_policy(cfg.model, seed=cfg.train.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """A 2-rank run stopped after its step-2 checkpoint and resumed (DCP, sharded optimizer state and the
+    teacher snapshot) continues exactly as the uninterrupted 2-rank run."""
+    common = ["train.algorithm=trace", "trace.reverse_kl=true", "trace.teacher=snapshot", "trace.snapshot_every=3",
+              "train.checkpoint_every=2", "train.export_hf=false"]
+    full = _launch(tmp_path / "full", 2, "train.max_steps=4", *common)
+    _launch(tmp_path / "cut", 2, "train.max_steps=2", *common)
+    resumed = _launch(tmp_path / "cut", 2, "train.max_steps=4", "train.resume=true", *common)
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["reward"] == b["reward"]
