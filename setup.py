@@ -12,7 +12,7 @@ setup(
     # CPU machine; the Makefile installs torch==2.13.0 (CPU) first, and any torch >= 2.4 satisfies this.
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "train": ["transformers>=4.56", "accelerate", "safetensors", "math-verify", "tokenizers", "tqdm"],
+        "train": ["transformers>=4.56", "accelerate", "safetensors", "math-verify", "tokenizers", "tqdm", "pyarrow"],
         "bench": ["liger-kernel>=0.6", "pytest-benchmark", "matplotlib"],
         "dev": ["pytest", "hypothesis", "ruff"],
         "vllm": ["vllm"],

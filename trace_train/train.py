@@ -129,8 +129,8 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
         groups = pack(sizes, t.micro_batch_tokens)
         n_micro = int(d.all_max([len(groups)])[0])
         opt.zero_grad(set_to_none=True)
-        sums = dict(dummies=float(n_micro - len(groups)), loss=0.0, entropy=0.0, fkl=0.0, fkl_n=0.0, rkl=0.0, rkl_n=0.0, kl_rows=0.0, teacher=0.0,
-                    clipped=0.0)
+        sums = dict(dummies=float(n_micro - len(groups)), loss=0.0, entropy=0.0, fkl=0.0, fkl_n=0.0, rkl=0.0,
+                    rkl_n=0.0, kl_rows=0.0, teacher=0.0, clipped=0.0)
         for g in range(n_micro):
             idx = groups[g] if g < len(groups) else []
             routing = route([lens[i] for i in idx], [bool(rewards[i]) for i in idx], [key[i] for i in idx],

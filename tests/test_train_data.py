@@ -1,0 +1,169 @@
+"""Data, rewards, sampling and micro-batching of the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from trace_train import arith  # noqa: E402
+from trace_train.config import LossConfig, ModelConfig  # noqa: E402
+from trace_train.model import build_char_tokenizer, build_tiny_model, make_batch, response_hidden  # noqa: E402
+from trace_train.policy import Policy  # noqa: E402
+from trace_train.rollout import HFRollouts, Sampling, filter_logits  # noqa: E402
+from trace_train.routing import route  # noqa: E402
+from trace_train.step import batch_loss, pack  # noqa: E402
+from trace_train.tasks import ArithTask, MathTask, math_reward, read_examples  # noqa: E402
+
+RECORDS = [{"problem": "What is 1/2 + 1/4?", "solution": "1/2 + 1/4 = 2/4 + 1/4 = 3/4.", "answer": "\\frac{3}{4}"},
+           {"problem": "Compute 7 * 6.", "solution": "7 * 6 = 42.", "answer": "42", "source": "extra field"},
+           {"problem": "Solve x + 3 = 5.", "solution": "x = 5 - 3 = 2.", "answer": "2"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def test_jsonl_and_parquet_read_the_same(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n\n")
+    pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "a.parquet")
+    a, b = read_examples(str(tmp_path / "a.jsonl")), read_examples(str(tmp_path / "a.parquet"))
+    assert a == b and [e.answer for e in a] == ["\\frac{3}{4}", "42", "2"]
+
+
+def test_bad_records_name_what_is_missing(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"record 0 lacks \['solution'\]"):
+        read_examples(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError, match="data.train_files"):
+        MathTask(str(tmp_path / "missing.jsonl"))
+
+
+def test_math_task_epochs_cover_every_record_once_and_are_seeded(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    task = MathTask(str(tmp_path / "a.jsonl"))
+    epoch = task.examples(seed=1, step=0, n=3)
+    assert sorted(e.problem for e in epoch) == sorted(r["problem"] for r in RECORDS)
+    assert sorted(e.problem for e in task.examples(1, 1, 3)) == sorted(e.problem for e in epoch)  # next epoch
+    assert [e.problem for e in task.examples(1, 0, 5)][3:] == [e.problem for e in task.examples(1, 1, 3)][:2]
+    # a step's problems depend only on (seed, step): the data position of a resumed run
+    assert MathTask(str(tmp_path / "a.jsonl")).examples(1, 5, 2) == task.examples(1, 5, 2)
+
+
+def test_math_reward_uses_math_verify():
+    assert math_reward("so the total is \\boxed{0.75}", "\\frac{3}{4}") == 1.0
+    assert math_reward("The answer is \\boxed{42}.", "42") == 1.0
+    assert math_reward("The answer is \\boxed{41}.", "42") == 0.0
+    assert math_reward("I do not know", "42") == 0.0
+
+
+def test_math_prompts_use_the_chat_template_and_keep_the_solution_from_the_student(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(RECORDS[0]))
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    task = MathTask(str(tmp_path / "a.jsonl"), tok)
+    ex = task.examples(0, 0, 1)[0]
+    student, teacher = task.student_text(ex), task.teacher_text(ex, task.diagnostics[0])
+    assert student.startswith("<user>What is 1/2") and student.endswith("<assistant>")
+    assert ex.solution not in student and ex.solution in teacher and task.diagnostics[0] in teacher
+
+
+def test_arith_task_reproducible_and_in_range():
+    task = ArithTask(2, 4)
+    a, b = task.examples(3, 7, 16), task.examples(3, 7, 16)
+    assert a == b and all(2 <= len(e.source.ops) <= 4 for e in a)
+    assert task.reward(a[0].solution, a[0]) == 1.0
+    with pytest.raises(ValueError, match="data.min_ops"):
+        ArithTask(3, 2)
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    full = filter_logits(logits, Sampling(temperature=1.0))
+    assert torch.allclose(full.exp(), torch.tensor([[0.5, 0.3, 0.15, 0.05]]), atol=1e-6)
+    k2 = filter_logits(logits, Sampling(top_k=2)).exp()
+    assert torch.allclose(k2, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    p = filter_logits(logits, Sampling(top_p=0.8)).exp()  # 0.5 + 0.3 reaches 0.8: the third is dropped
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    p = filter_logits(logits, Sampling(top_p=0.81)).exp()
+    assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+    t = filter_logits(logits, Sampling(temperature=0.5)).exp()
+    assert torch.allclose(t, torch.softmax(logits / 0.5, -1), atol=1e-6)
+
+
+def test_rollouts_are_seeded_per_rollout_and_report_the_sampling_logprobs(tok):
+    policy = Policy(build_tiny_model(ModelConfig(), tok, seed=1))
+    engine = HFRollouts(policy, tok, Sampling(max_new_tokens=10, temperature=0.7))
+    prompts = [tok("Q:1+2\nA:")["input_ids"], tok("Q:3*4-5\nA:")["input_ids"]]
+    both = engine.generate(prompts, 3, seeds=[10, 11, 12, 20, 21, 22])
+    alone = engine.generate(prompts[1:], 2, seeds=[21, 20])
+    # what a rollout samples depends on its seed only, not on its batch-mates or position
+    assert alone.responses == [both.responses[4], both.responses[3]]
+    assert both.prompts[3] == prompts[1] and len(both.responses) == 6
+    for r, lp, fin in zip(both.responses, both.logprobs, both.finished):
+        assert len(r) == lp.numel() and (r[-1] == tok.eos_token_id) == fin
+    # the reported log-probs are the model's at the sampling temperature
+    batch = make_batch(both.prompts, both.responses, tok.pad_token_id)
+    with torch.no_grad():
+        logits = response_hidden(policy.lm, batch) @ policy.lm_head_weight().T
+    ref = torch.log_softmax(logits / 0.7, -1).gather(1, batch.targets[:, None]).squeeze(1)
+    assert torch.allclose(torch.cat(both.logprobs), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="seeds"):
+        engine.generate(prompts, 3, seeds=[1])
+
+
+def test_seeded_sampler_draws_from_the_model_distribution(tok):
+    """Gumbel-max with per-rollout generators samples the softmax: first-token frequencies over 4000
+    rollouts match the model's probabilities within 4 binomial standard deviations."""
+    policy = Policy(build_tiny_model(ModelConfig(), tok, seed=2))
+    engine = HFRollouts(policy, tok, Sampling(max_new_tokens=1, temperature=1.0))
+    prompt = tok("Q:5\nA:")["input_ids"]
+    n = 4000
+    ro = engine.generate([prompt], n, seeds=list(range(n)))
+    counts = torch.bincount(torch.tensor([r[0] for r in ro.responses]), minlength=len(tok)).double()
+    with torch.no_grad():
+        probs = torch.softmax(policy.lm(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    sd = torch.sqrt(n * probs * (1 - probs))
+    assert ((counts - n * probs).abs() <= 4 * sd + 1).all()
+
+
+def test_pack_by_token_budget():
+    assert pack([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert pack([5, 12, 3, 3], 10) == [[0], [1], [2, 3]]  # a longer sequence gets a group of its own
+    assert pack([5, 5], 0) == [[0, 1]] and pack([], 10) == []
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(tok):
+    """The global normalisers make the micro-batch losses sum to the one-batch loss: same gradients."""
+    model = build_tiny_model(ModelConfig(), tok, seed=4).double()
+    policy = Policy(model)
+    problems = [arith.sample_problem(__import__("random").Random(i), 2) for i in range(4)]
+    texts = [p.solution for p in problems[:2]] + ["1+1=3;3", "9"]
+    responses = [tok(x)["input_ids"] + [tok.eos_token_id] for x in texts]
+    prompts = [tok(arith.student_prompt(p))["input_ids"] for p in problems]
+    teacher_prompts = [tok(arith.teacher_prompt(p, None))["input_ids"] for p in problems]
+    lens, correct = [len(r) for r in responses], [True, True, False, False]
+    key = [[(0, 2)], [(1, 3)], [], []]
+    err = [[], [], [(0, 2)], [(0, 1)]]
+    adv = torch.tensor([1.0, 0.5, -0.5, -1.0])
+    cfg = LossConfig()
+
+    def loss_of(idx):
+        r = route([lens[i] for i in idx], [correct[i] for i in idx], [key[i] for i in idx], [err[i] for i in idx],
+                  algorithm="trace", lam=0.3, reverse_kl=True, global_responses=4, global_tokens=sum(lens))
+        return batch_loss(policy, tok.pad_token_id, [prompts[i] for i in idx], [responses[i] for i in idx], adv[idx],
+                          r, cfg, teacher_prompts=[teacher_prompts[i] for i in idx], impl="torch").loss
+
+    full = torch.autograd.grad(loss_of([0, 1, 2, 3]), list(model.parameters()))
+    parts = [torch.autograd.grad(loss_of(g), list(model.parameters())) for g in pack([9, 9, 9, 9], 18)]
+    for i, g in enumerate(full):
+        assert torch.allclose(sum(p[i] for p in parts), g, rtol=1e-9, atol=1e-12)
+    assert math.isfinite(loss_of([0]).item())
