@@ -1,4 +1,5 @@
-# The two commands a newcomer runs: `make demo` (the main job) and `make test`. Each sets itself up:
+# The two commands a newcomer runs: `make demo` (the main job) and `make test`; `make bench` and
+# `make bench-memory` are the CPU benchmarks. Each sets itself up:
 # a virtual environment in .venv with torch (CPU build by default) and this package installed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,9 @@ $(STAMP): setup.py
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-demo: bench-memory
+# The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
+demo: $(STAMP)
+	$(PY) -m trace_train.demo --out runs/demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_loss --quick

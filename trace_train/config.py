@@ -61,7 +61,7 @@ class LossConfig:
     beta: float = 0.0
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean
     advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
-    kl_term_clip: float = 0.05
+    kl_term_clip: float = 0.05  # per-vocabulary-term clamp of each KL (DESIGN.md); 0: off
 
 
 @dataclass

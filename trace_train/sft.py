@@ -1,11 +1,12 @@
 """A short supervised warm start on the synthetic task, so that RL starts with signal.
 
-    python -m trace_train.sft --out runs/sft [--steps 300] [model.tiny_hidden=128 ...]
+    python -m trace_train.sft --out runs/sft [--steps 600] [--slip 0.15] [model.tiny_hidden=128 ...]
 
-Half of each batch is student prompt -> reference solution, half teacher prompt (problem + reference
-solution + a random diagnostic type) -> the same solution: the model learns the format, some arithmetic,
-and to use the privileged context (so the self-teacher is better than the student). The loss is the mean
-token negative log-likelihood, through trace_kernels.trace_loss. Writes a Hugging Face folder.
+Half of each batch is student prompt -> reference solution (with slipped steps at rate --slip), half
+teacher prompt (problem + reference solution + a random diagnostic type) -> the reference solution: the
+model learns the format, the arithmetic, and to use the privileged context (so the self-teacher is better
+than the student). The loss is the mean token negative log-likelihood, through trace_kernels.trace_loss.
+Writes a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -25,9 +26,25 @@ from .config import load_config
 from .model import load_policy, make_batch, response_hidden
 
 
+def sloppy_solution(p: arith.Problem, rng: random.Random, slip: float) -> str:
+    """The written-out solution with, at each step and probability `slip`, a wrong result that the chain
+    then carries forward (the answer follows the wrong chain): a demonstrator that knows the steps but
+    slips."""
+    parts, a = [], p.start
+    for op, b in p.ops:
+        c = arith.OPS[op](a, b)
+        if rng.random() < slip:
+            c = rng.choice([d for d in range(10) if d != c])
+        parts.append(f"{a}{op}{b}={c}")
+        a = c
+    return ",".join(parts) + f";{a}"
+
+
 def sft(cfg_model, out: str, steps: int, batch: int = 64, lr: float = 3e-3, min_ops: int = 1, max_ops: int = 3,
-        seed: int = 0, log=print) -> list[float]:
-    """Train the policy of `cfg_model` for `steps` steps; save it to `out`; returns the per-step losses."""
+        seed: int = 0, slip: float = 0.0, log=print) -> list[float]:
+    """Train the policy of `cfg_model` for `steps` steps; save it to `out`; returns the per-step losses.
+    slip: the student-prompt half imitates solutions with slipped steps at this rate per step (the
+    teacher-prompt half always copies the reference), so the warm start errs where it could know better."""
     torch.manual_seed(seed)
     model, tok = load_policy(cfg_model, seed=seed)
     model.train()
@@ -39,8 +56,9 @@ def sft(cfg_model, out: str, steps: int, batch: int = 64, lr: float = 3e-3, min_
         problems = [arith.sample_problem(rng, rng.randint(min_ops, max_ops)) for _ in range(batch)]
         prompts = [arith.student_prompt(p) if i % 2 == 0 else
                    arith.teacher_prompt(p, rng.choice((None,) + arith.DIAGNOSTICS)) for i, p in enumerate(problems)]
+        targets = [sloppy_solution(p, rng, slip) if i % 2 == 0 else p.solution for i, p in enumerate(problems)]
         b = make_batch([tok(x)["input_ids"] for x in prompts],
-                       [tok(p.solution)["input_ids"] + [tok.eos_token_id] for p in problems], tok.pad_token_id)
+                       [tok(t)["input_ids"] + [tok.eos_token_id] for t in targets], tok.pad_token_id)
         # On-policy GRPO with advantage 1 and weight 1/N has the mean NLL's gradient (the ratio is 1, never
         # clipped): the fused loss, without the logits.
         n = b.targets.numel()
@@ -60,7 +78,7 @@ def sft(cfg_model, out: str, steps: int, batch: int = 64, lr: float = 3e-3, min_
     tok.save_pretrained(out)
     with open(os.path.join(out, "sft.json"), "w") as f:
         json.dump({"steps": steps, "batch": batch, "lr": lr, "min_ops": min_ops, "max_ops": max_ops, "seed": seed,
-                   "final_nll": losses[-1]}, f)
+                   "slip": slip, "final_nll": losses[-1]}, f)
     return losses
 
 
@@ -68,16 +86,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trace_train.sft", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="TOML file (its [model] section is used)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-ops", type=int, default=1)
     p.add_argument("--max-ops", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slip", type=float, default=0.0, help="per-step error rate of the imitated student solutions")
     p.add_argument("overrides", nargs="*", help="model.key=value")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    sft(cfg.model, a.out, a.steps, a.batch, a.lr, a.min_ops, a.max_ops, a.seed)
+    sft(cfg.model, a.out, a.steps, a.batch, a.lr, a.min_ops, a.max_ops, a.seed, a.slip)
     return 0
 
 
