@@ -83,6 +83,9 @@ def test_arith_task_reproducible_and_in_range():
     assert task.reward(a[0].solution, a[0]) == 1.0
     with pytest.raises(ValueError, match="data.min_ops"):
         ArithTask(3, 2)
+    pooled = ArithTask(1, 3, pool=4)
+    drawn = {e.problem for st in range(20) for e in pooled.examples(0, st, 8)}
+    assert drawn == {e.problem for e in pooled.pool} and len(pooled.pool) == 4
 
 
 def test_filter_logits_top_k_top_p():

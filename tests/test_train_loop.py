@@ -89,3 +89,27 @@ def test_killed_run_resumes_exactly(tmp_path):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
     logged = [json.loads(x)["step"] for x in open(out / "metrics.jsonl")]
     assert logged == list(range(6))
+
+
+def test_grpo_raises_the_reward_on_a_small_problem_pool(tmp_path):
+    """A short warm start (100 supervised steps: the format and some arithmetic), then 60 GRPO steps on a
+    pool of 4 fixed problems: the parameters move and the training reward rises. Measured at seeds 0 / 1 / 2
+    (2026-11-26): mean reward of the first 10 steps 0.22 / 0.07 / 0.16, of the last 10 0.47 / 0.43 / 0.40;
+    the test asserts a rise of at least 0.15 at seed 0 (deterministic: seeded data and sampling)."""
+    from trace_train.config import ModelConfig
+    from trace_train.model import load_policy
+    from trace_train.sft import sft
+
+    warm = tmp_path / "warm"
+    sft(ModelConfig(), str(warm), steps=100, batch=64, min_ops=1, max_ops=2, log=lambda s: None)
+    history = run(_cfg(tmp_path / "rl", f"model.path={warm}", "train.algorithm=grpo", "train.max_steps=60",
+                       "train.lr=1e-3", "data.min_ops=1", "data.max_ops=2", "data.pool_size=4",
+                       "train.prompts_per_step=8", "train.rollouts_per_prompt=8", "train.max_new_tokens=16",
+                       "train.checkpoint_every=1000"))
+    rewards = [m["reward"] for m in history]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= first + 0.15, (first, last)
+    before, _ = load_policy(ModelConfig(path=str(warm)))
+    after, _ = load_policy(ModelConfig(path=str(tmp_path / "rl" / "hf")))
+    moved = max((a - b).abs().max().item() for a, b in zip(after.state_dict().values(), before.state_dict().values()))
+    assert moved > 1e-3

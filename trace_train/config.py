@@ -33,6 +33,7 @@ class DataConfig:
     eval_files: str = ""
     min_ops: int = 1  # arith: operations per training problem
     max_ops: int = 3
+    pool_size: int = 0  # arith: > 0 trains on this many fixed problems (a sanity check); 0: a fresh stream
 
 
 @dataclass

@@ -24,30 +24,32 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def plot_runs(runs: dict[str, list[list[dict]]], out: str, smooth: int = 5) -> None:
-    """runs: label -> the metrics of each of its runs. Writes a PNG with one panel per quantity; values are
-    a trailing mean over `smooth` steps (training rewards of 64 rollouts are noisy)."""
+    """runs: label -> the metrics of each of its runs. Writes a PNG with one panel per quantity; values
+    (lambda excepted) are a trailing mean over `smooth` steps (training rewards of 64 rollouts are noisy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = {label: f"C{i}" for i, label in enumerate(runs)}  # one colour per run in every panel
     for ax, (key, title) in zip(axes.flat, PANELS):
+        window_len = 1 if key == "lambda" else smooth  # the schedule is exact, not noisy
         for label, metric_lists in runs.items():
             by_step = defaultdict(list)
             for metrics in metric_lists:
                 vals = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
                 for i, (step, _) in enumerate(vals):
-                    window = [v for _, v in vals[max(0, i - smooth + 1):i + 1]]
+                    window = [v for _, v in vals[max(0, i - window_len + 1):i + 1]]
                     by_step[step].append(sum(window) / len(window))
             if not by_step:
                 continue
             steps = sorted(by_step)
             mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
-            line, = ax.plot(steps, mean, label=label)
+            ax.plot(steps, mean, label=label, color=colors[label])
             if any(len(by_step[s]) > 1 for s in steps):
                 ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                                color=line.get_color(), alpha=0.15)
+                                color=colors[label], alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -80,15 +80,21 @@ class Task:
 
 
 class ArithTask(Task):
-    """The synthetic chain of mod-10 operations (trace_train.arith); min_ops..max_ops operations each."""
+    """The synthetic chain of mod-10 operations (trace_train.arith); min_ops..max_ops operations each.
+    pool > 0: every step draws from the same `pool` problems (fixed by pool_seed), the classic sanity check
+    that RL can fit a handful of problems."""
 
     diagnostics = arith.DIAGNOSTICS
     has_rule_annotator = True
 
-    def __init__(self, min_ops: int = 1, max_ops: int = 3):
+    def __init__(self, min_ops: int = 1, max_ops: int = 3, pool: int = 0, pool_seed: int = 0):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"data.min_ops / data.max_ops: need 1 <= min <= max, got {min_ops}, {max_ops}")
+        if pool < 0:
+            raise ValueError(f"data.pool_size must be >= 0, got {pool}")
         self.min_ops, self.max_ops = min_ops, max_ops
+        rng = random.Random(pool_seed + 31_337)
+        self.pool = [self.wrap(arith.sample_problem(rng, rng.randint(min_ops, max_ops))) for _ in range(pool)]
 
     @staticmethod
     def wrap(p: arith.Problem) -> Example:
@@ -96,6 +102,8 @@ class ArithTask(Task):
 
     def examples(self, seed, step, n):
         rng = random.Random(seed * 1_000_003 + step)
+        if self.pool:
+            return [rng.choice(self.pool) for _ in range(n)]
         return [self.wrap(arith.sample_problem(rng, rng.randint(self.min_ops, self.max_ops))) for _ in range(n)]
 
     def student_text(self, ex):
@@ -166,7 +174,7 @@ def math_reward(response: str, answer: str) -> float:
 
 def make_task(data_cfg, tokenizer=None) -> Task:
     if data_cfg.task == "arith":
-        return ArithTask(data_cfg.min_ops, data_cfg.max_ops)
+        return ArithTask(data_cfg.min_ops, data_cfg.max_ops, data_cfg.pool_size)
     if data_cfg.task == "math":
         return MathTask(data_cfg.train_files, tokenizer)
     raise ValueError(f"data.task: unknown {data_cfg.task!r} (arith | math)")
