@@ -204,3 +204,18 @@ def test_training_continues_through_annotator_failures(server, tmp_path):
     assert sum(m["annotator_failures"] for m in history) > 0
     assert sum(m["annotated_rollouts"] for m in history) > 0 and any(m["span_fraction"] > 0 for m in history)
     assert all(m["annotated_rollouts"] + m["annotator_failures"] <= 8 for m in history)
+
+
+def test_self_annotation_in_the_loop_counts_unparseable_replies(tmp_path):
+    """trace.annotator=self through the real engine: an untrained policy cannot write the JSON, so every
+    rollout's annotation fails, is counted, and the step still trains (GRPO on all tokens, no KL rows)."""
+    from trace_train.config import load_config
+    from trace_train.train import run
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
+        f"train.output_dir={tmp_path}", "train.max_steps=1", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
+        "train.max_new_tokens=8", "trace.annotator=self", "trace.reverse_kl=true", "train.export_hf=false"])
+    (m,) = run(cfg)
+    assert m["annotator_failures"] == 4 and m["annotated_rollouts"] == 0
+    assert m["span_fraction"] == 0 and m["teacher_rollouts"] == 0 and m["grad_norm"] >= 0
