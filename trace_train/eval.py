@@ -35,7 +35,7 @@ def evaluate(engine, tok, task: Task, examples: list[Example], k: int, seed: int
     for b in range(0, len(examples), prompts_per_batch):
         chunk = examples[b:b + prompts_per_batch]
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in chunk]
-        ro = engine.generate(prompts, k, [seed * 1_000_003 + (b + i) for i in range(len(chunk) * k)])
+        ro = engine.generate(prompts, k, [seed * 1_000_003 + b * k + i for i in range(len(chunk) * k)])
         for i, resp in enumerate(ro.responses):
             rewards.append(task.reward(tok.decode(resp, skip_special_tokens=True), chunk[i // k]))
             lengths.append(len(resp))

@@ -69,6 +69,10 @@ class Task:
     def examples(self, seed: int, step: int, n: int) -> list[Example]:
         raise NotImplementedError
 
+    def chat(self, content: str) -> str:
+        """A user turn as the model's prompt text (MathTask: the tokenizer's chat template)."""
+        return f"{content}\n"
+
     def student_text(self, ex: Example) -> str:
         raise NotImplementedError
 
@@ -143,7 +147,7 @@ class MathTask(Task):
             out.append(self.items[order[j]])
         return out
 
-    def _chat(self, content: str) -> str:
+    def chat(self, content: str) -> str:
         tok = self.tokenizer
         if tok is not None and getattr(tok, "chat_template", None):
             return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -151,11 +155,11 @@ class MathTask(Task):
         return f"{content}\n"
 
     def student_text(self, ex):
-        return self._chat(f"{ex.problem}\n\n{MATH_INSTRUCTION}")
+        return self.chat(f"{ex.problem}\n\n{MATH_INSTRUCTION}")
 
     def teacher_text(self, ex, diagnostic):
         hint = f"\n\nA previous attempt made this kind of mistake: {diagnostic}." if diagnostic else ""
-        return self._chat(f"{ex.problem}\n\nReference solution:\n{ex.solution}{hint}\n\n{MATH_INSTRUCTION}")
+        return self.chat(f"{ex.problem}\n\nReference solution:\n{ex.solution}{hint}\n\n{MATH_INSTRUCTION}")
 
     def reward(self, response, ex):
         return math_reward(response, ex.answer)

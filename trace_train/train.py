@@ -123,9 +123,9 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
 
         # Micro-batches by token budget; every rank runs as many (empty ones on a dummy) and the teacher
         # whenever any rank needs it, so that FSDP's collectives line up.
-        teacher_prompts = [tok(task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
-                           for ex, dg in zip(owners, diagnostics)]
-        sizes = [len(p) + n + (len(tp) + n if lam > 0 else 0) for p, tp, n in zip(ro.prompts, teacher_prompts, lens)]
+        teacher_prompts = ([tok(task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
+                            for ex, dg in zip(owners, diagnostics)] if lam > 0 else [[] for _ in lens])
+        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(ro.prompts, teacher_prompts, lens)]
         groups = pack(sizes, t.micro_batch_tokens)
         n_micro = int(d.all_max([len(groups)])[0])
         opt.zero_grad(set_to_none=True)
@@ -212,8 +212,7 @@ def make_annotator(cfg: Config, task, engine, tok):
         api = ApiAnnotator(task, tc.api_base_url, tc.api_model, os.environ.get(tc.api_key_env, ""),
                            tc.api_timeout_s, tc.api_retries)
         return lambda jobs, examples, seeds: api(jobs, examples)
-    chat = task._chat if hasattr(task, "_chat") else (lambda s: s + "\n")
-    return SelfAnnotator(task, engine, tok, chat)
+    return SelfAnnotator(task, engine, tok, task.chat)
 
 
 @torch.no_grad()
