@@ -74,3 +74,16 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path):
     for alg in ("grpo", "trace", "opd_all", "trace-noclip"):
         assert len(json.loads((out / f"{alg}-s0" / "metrics.jsonl").read_text().splitlines()[-1])) > 5
         assert 0 <= summary["scores"][f"{alg}-s0"]["out_of_dist"]["avg_at_k"] <= 1
+
+
+def test_held_out_problems_are_distinct_and_unseen():
+    from trace_train.demo import held_out
+    from trace_train.tasks import ArithTask
+
+    task = ArithTask(1, 1)  # 300 possible problems: duplicates are frequent in a random stream
+    seen = {ex.problem for ex in task.examples(0, 0, 100)}
+    out = held_out(task, 150, seed=5, exclude=seen)
+    texts = [ex.problem for ex in out]
+    assert len(texts) == len(set(texts)) == 150 and not seen & set(texts)
+    with pytest.raises(ValueError, match="distinct"):
+        held_out(task, 301, seed=5)

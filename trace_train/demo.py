@@ -60,13 +60,18 @@ def train_run(out: str, algorithm: str, seed: int, warm: str, steps: int, nproc:
     return time.perf_counter() - t0
 
 
-def held_out(task, n: int, seed: int, exclude: set[str]) -> list:
-    """n problems of `task` from an evaluation stream, minus any problem text in `exclude`."""
-    out, step = [], 0
+def held_out(task, n: int, seed: int, exclude: set[str] = frozenset()) -> list:
+    """n distinct problems of `task` from an evaluation stream, none of whose texts is in `exclude`."""
+    out, seen, step = [], set(exclude), 0
     while len(out) < n:
-        out += [ex for ex in task.examples(seed, step, n) if ex.problem not in exclude]
+        if step == 1000:
+            raise ValueError(f"fewer than {n} distinct held-out problems in this task")
+        for ex in task.examples(seed, step, n):
+            if ex.problem not in seen and len(out) < n:
+                seen.add(ex.problem)
+                out.append(ex)
         step += 1
-    return out[:n]
+    return out
 
 
 def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int, seed: int) -> dict[str, dict]:
@@ -82,7 +87,7 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
     sampling = Sampling(max_new_tokens=48, temperature=0.6, top_k=20, top_p=0.95)  # the paper's eval sampling
     ind, ood = ArithTask(1, 3), ArithTask(4, 6)
     sets = {"in_dist": (ind, held_out(ind, n, 10_000 + seed, train_seen)),
-            "out_of_dist": (ood, ood.examples(20_000 + seed, 0, n))}
+            "out_of_dist": (ood, held_out(ood, n, 20_000 + seed))}
     results = {}
     for name, path in policies.items():
         policy, tok = load_for_eval(path)
@@ -146,7 +151,7 @@ def summarize(out: str, seeds: list[int], steps: int, scores: dict, walls: dict,
 
 {table}
 
-Evaluation: avg@4 at temperature 0.6, top-p 0.95, top-k 20 on {settings['eval_n']} held-out problems each:
+Evaluation: avg@4 at temperature 0.6, top-p 0.95, top-k 20 on {settings['eval_n']} distinct held-out problems each:
 in distribution 1-3 operations (as in training; problems seen in training excluded), out of distribution
 4-6 operations. The warm start answers {priv:.3f} of the in-distribution problems with the teacher's
 privileged prompt (the reference solution in context) against {ws['in_dist']['avg_at_k']:.3f} without it: this

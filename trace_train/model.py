@@ -1,6 +1,6 @@
-"""The policy: a local Hugging Face causal LM, or a tiny Qwen3 with a character tokenizer built in-process
-(tests and the CPU demo never download anything), and the two things the loss needs from it: the hidden
-states of the positions that predict response tokens (without computing logits) and the LM-head weight.
+"""The model: a local Hugging Face causal LM, or a tiny Qwen3 with a character tokenizer built in-process
+(tests and the CPU demo never download anything); batches of prompt + response, and the hidden states of
+the positions that predict response tokens (without computing logits). trace_train.policy adds the loss.
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ def load_policy(cfg: ModelConfig, seed: int = 0):
         return model, tokenizer
     tokenizer = build_char_tokenizer()
     return build_tiny_model(cfg, tokenizer, seed), tokenizer
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The [V, H] LM-head weight (the tied embedding where tied)."""
-    return model.get_output_embeddings().weight
 
 
 @dataclass
