@@ -109,7 +109,7 @@ class RuleAnnotator:
             raise ValueError("trace.annotator=rule needs a task with exact spans (data.task=arith); use api or self")
         self.task = task
 
-    def __call__(self, jobs: list[Job], examples) -> tuple[list[Annotation | None], int]:
+    def __call__(self, jobs: list[Job], examples, seeds=None) -> tuple[list[Annotation | None], int]:
         return [self.task.annotate(j.response, ex) for j, ex in zip(jobs, examples)], 0
 
 
@@ -148,7 +148,7 @@ class ApiAnnotator:
                     time.sleep(min(0.5 * 2**attempt, 8.0))
         return None
 
-    def __call__(self, jobs: list[Job], examples) -> tuple[list[Annotation | None], int]:
+    def __call__(self, jobs: list[Job], examples, seeds=None) -> tuple[list[Annotation | None], int]:
         with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(jobs)))) as pool:
             out = list(pool.map(self._one, jobs))
         return out, sum(a is None for a in out)

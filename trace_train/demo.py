@@ -74,6 +74,17 @@ def held_out(task, n: int, seed: int, exclude: set[str] = frozenset()) -> list:
     return out
 
 
+def _privileged(min_ops: int, max_ops: int):
+    """The synthetic task answered from the teacher's prompt (reference solution in context)."""
+    from .tasks import ArithTask
+
+    class Privileged(ArithTask):
+        def student_text(self, ex):
+            return self.teacher_text(ex, None)
+
+    return Privileged(min_ops, max_ops)
+
+
 def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int, seed: int) -> dict[str, dict]:
     """avg@k of each policy folder on the in- and out-of-distribution sets; for the warm start also with the
     teacher's privileged prompt (reference solution in context), which shows what the self-teacher knows."""
@@ -94,11 +105,8 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
         engine = HFRollouts(policy, tok, sampling)
         results[name] = {s: evaluate(engine, tok, task, exs, k, seed) for s, (task, exs) in sets.items()}
         if name == "warm_start":
-            class Privileged(ArithTask):
-                def student_text(self, ex):
-                    return self.teacher_text(ex, None)
-
-            results[name]["in_dist_privileged"] = evaluate(engine, tok, Privileged(1, 3), sets["in_dist"][1], k, seed)
+            results[name]["in_dist_privileged"] = evaluate(engine, tok, _privileged(1, 3), sets["in_dist"][1], k,
+                                                           seed)
     return results
 
 
@@ -216,12 +224,11 @@ def main(argv=None) -> int:
             _log(f"{name}: {walls[name]:.0f} s, last step reward {last['reward']:.3f}")
 
     _log("evaluating")
-    train_cfg = load_config(CONFIG, a.overrides)
     from .tasks import ArithTask
 
-    train_task = ArithTask(train_cfg.data.min_ops, train_cfg.data.max_ops)
+    train_task = ArithTask(cfg.data.min_ops, cfg.data.max_ops)
     seen = {ex.problem for s in seeds for st in range(a.steps)
-            for ex in train_task.examples(s, st, train_cfg.train.prompts_per_step)}
+            for ex in train_task.examples(s, st, cfg.train.prompts_per_step)}
     policies = {"warm_start": warm, **{f"{run}-s{s}": os.path.join(a.out, f"{run}-s{s}", "hf")
                                       for s in seeds for run, _, _ in RUNS}}
     scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0)

@@ -27,17 +27,16 @@ class Dist:
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum of each value over ranks (fp64)."""
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t)
-        return t.tolist()
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def all_max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def barrier(self) -> None:

@@ -205,13 +205,12 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
 
 def make_annotator(cfg: Config, task, engine, tok):
     tc = cfg.trace
+    """annotator(jobs, examples, seeds) -> (annotations, failures); seeds drive self-annotation sampling."""
     if tc.annotator == "rule":
-        rule = RuleAnnotator(task)
-        return lambda jobs, examples, seeds: rule(jobs, examples)
+        return RuleAnnotator(task)
     if tc.annotator == "api":
-        api = ApiAnnotator(task, tc.api_base_url, tc.api_model, os.environ.get(tc.api_key_env, ""),
-                           tc.api_timeout_s, tc.api_retries)
-        return lambda jobs, examples, seeds: api(jobs, examples)
+        return ApiAnnotator(task, tc.api_base_url, tc.api_model, os.environ.get(tc.api_key_env, ""),
+                            tc.api_timeout_s, tc.api_retries)
     return SelfAnnotator(task, engine, tok, task.chat)
 
 
