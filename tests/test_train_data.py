@@ -17,7 +17,7 @@ from trace_train.policy import Policy  # noqa: E402
 from trace_train.rollout import HFRollouts, Sampling, filter_logits  # noqa: E402
 from trace_train.routing import route  # noqa: E402
 from trace_train.step import batch_loss, pack  # noqa: E402
-from trace_train.tasks import ArithTask, MathTask, math_reward, read_examples  # noqa: E402
+from trace_train.tasks import ArithTask, DataError, MathTask, math_reward, read_examples  # noqa: E402
 
 RECORDS = [{"problem": "What is 1/2 + 1/4?", "solution": "1/2 + 1/4 = 2/4 + 1/4 = 3/4.", "answer": "\\frac{3}{4}"},
            {"problem": "Compute 7 * 6.", "solution": "7 * 6 = 42.", "answer": "42", "source": "extra field"},
@@ -41,10 +41,94 @@ def test_jsonl_and_parquet_read_the_same(tmp_path):
 
 def test_bad_records_name_what_is_missing(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
-    with pytest.raises(ValueError, match=r"record 0 lacks \['solution'\]"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 1: field 'solution' is missing"):
         read_examples(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="data.train_files"):
         MathTask(str(tmp_path / "missing.jsonl"))
+
+
+GOOD = json.dumps(RECORDS[0])
+
+
+@pytest.mark.parametrize("lines,match", [
+    ([GOOD, '{"problem": "p", "solution": "s", "answer": 1,}'], r"line 2: not valid JSON \(Expecting property name"),
+    ([GOOD, "", GOOD[:-1]], r"line 3: not valid JSON"),  # blank lines count: the number is the editor's
+    ([GOOD, '{"problem": "p", "answer": "1"}'], r"line 2: field 'solution' is missing or null"),
+    ([GOOD, '{"problem": "p", "solution": null, "answer": "1"}'], r"line 2: field 'solution' is missing or null"),
+    ([GOOD, '{"problem": ["p"], "solution": "s", "answer": "1"}'], r"line 2: field 'problem' must be a string or a "
+                                                                    r"number, got list"),
+    ([GOOD, GOOD, '["p", "s", "1"]'], r"line 3: expected an object with problem, solution, answer, got list"),
+    ([GOOD, "[" * 100_000], r"line 2: not valid JSON \(nested too deeply\)"),
+    ([], r"no records"),
+])
+def test_jsonl_errors_name_the_file_and_line(tmp_path, lines, match):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path}/train.jsonl: {match}") as e:
+        read_examples(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes((GOOD + "\n").encode() + '{"problem": "ça"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl: line 2: not UTF-8"):
+        read_examples(str(tmp_path / "latin1.jsonl"))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[\n" + GOOD + ",\n" + GOOD + "\n", r"line 4: not valid JSON"),  # the list is never closed
+    ("[\n" + GOOD + ",\n  {'problem': 'p'}\n]", r"line 3: not valid JSON \(Expecting property name enclosed in "
+                                                r"double quotes at column 4\)"),
+    (json.dumps(RECORDS[0]), r"expected a JSON list of records, got dict"),
+    (json.dumps([RECORDS[0], RECORDS[1], {"problem": "p", "solution": "s"}]), r"record 2 \(from 0\): field 'answer' is"
+                                                                               r" missing"),
+    (json.dumps([RECORDS[0], "just a string"]), r"record 1 \(from 0\): expected an object"),
+])
+def test_json_errors_name_the_file_and_line_or_record(tmp_path, text, match):
+    (tmp_path / "train.json").write_text(text)
+    with pytest.raises(DataError, match=rf"train.json: {match}"):
+        read_examples(str(tmp_path / "train.json"))
+
+
+def test_parquet_errors_name_the_file_and_row(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "1"}]), tmp_path / "nosolution.parquet")
+    with pytest.raises(DataError, match=r"nosolution.parquet: no column \['solution'\]"):
+        read_examples(str(tmp_path / "nosolution.parquet"))
+    rows = [{"problem": "p", "solution": "s", "answer": "1"}, {"problem": "q", "solution": None, "answer": "2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "null.parquet")
+    with pytest.raises(DataError, match=r"null.parquet: row 1 \(from 0\): field 'solution' is missing or null"):
+        read_examples(str(tmp_path / "null.parquet"))
+    rows = [{"problem": "p", "solution": "s", "answer": [1]}, {"problem": "q", "solution": "t", "answer": [2, 3]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "lists.parquet")
+    with pytest.raises(DataError, match=r"lists.parquet: row 0 \(from 0\): field .answer. must be a string or"):
+        read_examples(str(tmp_path / "lists.parquet"))
+    (tmp_path / "text.parquet").write_text(GOOD)
+    with pytest.raises(DataError, match=r"text.parquet: cannot read as Parquet \(") as e:
+        read_examples(str(tmp_path / "text.parquet"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_data_file_exits_2_with_one_line_and_no_traceback(tmp_path):
+    """`python -m trace_train` on a malformed JSONL file: exit status 2, one line on stderr naming the file
+    and the line, like a config error."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD + "\n" + GOOD + "\n{oops\n")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(root)}
+    r = subprocess.run([sys.executable, "-m", "trace_train", "--config", os.path.join(root, "configs", "toy.toml"),
+                        "data.task=math", f"data.train_files={bad}", f"train.output_dir={tmp_path / 'run'}",
+                        "train.algorithm=grpo", "train.export_hf=false"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"data error: {bad}: line 3: not valid JSON (Expecting property name "
+                                             "enclosed in double quotes at column 2)"]
 
 
 def test_math_task_epochs_cover_every_record_once_and_are_seeded(tmp_path):

@@ -80,8 +80,10 @@ class TraceConfig:
     api_base_url: str = ""  # annotator=api: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
     api_model: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never the config
-    api_timeout_s: float = 60.0
-    api_retries: int = 2
+    api_timeout_s: float = 60.0  # one attempt, connect to last byte
+    api_retries: int = 2  # further attempts (backoff 0.5 s, 1 s, ...) while api_deadline_s allows
+    api_deadline_s: float = 180.0  # all of a step's annotation requests on a rank, retries included
+    api_max_reply_bytes: int = 1 << 20  # a longer reply is refused (counted as an http failure)
 
 
 @dataclass
@@ -107,6 +109,14 @@ class Config:
             raise ValueError(f"data.task: unknown {self.data.task!r} (arith | math)")
         if self.trace.annotator not in ("rule", "api", "self"):
             raise ValueError(f"trace.annotator: unknown {self.trace.annotator!r} (rule | api | self)")
+        tc = self.trace
+        for name in ("api_timeout_s", "api_deadline_s", "api_max_reply_bytes"):
+            if not getattr(tc, name) > 0:
+                raise ValueError(f"trace.{name} must be > 0, got {getattr(tc, name)}")
+        if tc.api_retries < 0:
+            raise ValueError(f"trace.api_retries must be >= 0, got {tc.api_retries}")
+        if tc.api_base_url and not tc.api_base_url.startswith(("http://", "https://")):
+            raise ValueError(f"trace.api_base_url must start with http:// or https://, got {tc.api_base_url!r}")
         if self.trace.teacher not in ("live", "snapshot"):
             raise ValueError(f"trace.teacher: unknown {self.trace.teacher!r} (live | snapshot)")
         if self.train.engine not in ("auto", "hf", "vllm"):

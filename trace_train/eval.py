@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .model import load_policy
 from .policy import Policy
 from .rollout import Sampling, make_engine
-from .tasks import ArithTask, Example, MathTask, Task
+from .tasks import ArithTask, DataError, Example, MathTask, Task
 
 PAPER_SAMPLING = Sampling(max_new_tokens=2048, temperature=0.6, top_k=20, top_p=0.95)
 
@@ -69,11 +69,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="write the scores here as JSON")
     a = p.parse_args(argv)
+    if a.files:  # data errors before the model loads: one line, exit status 2
+        try:
+            task = MathTask(a.files)
+        except DataError as e:
+            print(f"data error: {e}", file=sys.stderr)
+            return 2
     policy, tok = load_for_eval(a.model, a.dtype)
     sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
     engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model)
     if a.files:
-        task = MathTask(a.files, tok)
+        task.tokenizer = tok  # for the chat template
         examples = task.items[:a.n]
     else:
         lo, _, hi = a.arith_ops.partition("-")

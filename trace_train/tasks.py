@@ -7,7 +7,8 @@ File format (one record per line in .jsonl, one row in .parquet; OpenThoughts-st
 
 `problem` is shown to the student, `solution` (the reference solution) and the diagnostic type only to the
 teacher, `answer` is checked with math-verify against the response's last \\boxed{...}. Other fields are
-kept and ignored. Prompts use the tokenizer's chat template when it has one.
+kept and ignored. Prompts use the tokenizer's chat template when it has one. A file that cannot be used
+raises DataError naming the file, the line (JSONL, JSON) or the record / row (from 0), and what is wrong.
 
 Every step's problems are a pure function of (seed, step): files are read in a shuffled order per epoch,
 so the data position is the step and a resumed run sees what the uninterrupted one saw.
@@ -35,28 +36,95 @@ class Example:
     source: object = field(default=None, compare=False)  # the arith.Problem of the synthetic task
 
 
-def read_examples(path: str) -> list[Example]:
-    """Records of a .jsonl / .json (a list) / .parquet file; each needs problem, solution and answer."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ImportError("reading Parquet needs pyarrow (pip install 'trace-kernels[train]')") from e
-        records = pq.read_table(path).to_pylist()
-    elif path.endswith(".json"):
-        with open(path) as f:
-            records = json.load(f)
-    else:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+class DataError(ValueError):
+    """A data file that cannot be used: names the file, the line (JSONL, JSON) or record / row, and what is
+    wrong, on one line. `python -m trace_train` prints it and exits with status 2."""
+
+    def __init__(self, path: str, where: str, what: str):
+        where = f": {where}" if where else ""
+        super().__init__(" ".join(f"{path}{where}: {what}".split()))  # one line, whatever the parts hold
+
+
+FIELDS = ("problem", "solution", "answer")
+
+
+def _example(path: str, where: str, record) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(path, where, f"expected an object with {', '.join(FIELDS)}, got {type(record).__name__}")
+    for k in FIELDS:
+        v = record.get(k)
+        if v is None:
+            raise DataError(path, where, f"field {k!r} is missing or null (need {', '.join(FIELDS)})")
+        if not isinstance(v, (str, int, float)):
+            raise DataError(path, where, f"field {k!r} must be a string or a number, got {type(v).__name__}")
+    return Example(str(record["problem"]), str(record["solution"]), str(record["answer"]))
+
+
+def _read_jsonl(path: str) -> list[Example]:
     out = []
-    for i, r in enumerate(records):
-        missing = [k for k in ("problem", "solution", "answer") if not isinstance(r.get(k), (str, int, float))]
-        if missing:
-            raise ValueError(f"{path}: record {i} lacks {missing} (need problem, solution, answer)")
-        out.append(Example(str(r["problem"]), str(r["solution"]), str(r["answer"])))
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"line {n}", f"not UTF-8 (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {n}", f"not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(path, f"line {n}", "not valid JSON (nested too deeply)") from None
+            out.append(_example(path, f"line {n}", record))
+    return out
+
+
+def _read_json(path: str) -> list[Example]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        records = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"line {e.lineno}", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"byte {e.start + 1}", "not UTF-8") from None
+    except RecursionError:
+        raise DataError(path, "", "not valid JSON (nested too deeply)") from None
+    if not isinstance(records, list):
+        raise DataError(path, "", f"expected a JSON list of records, got {type(records).__name__}")
+    return [_example(path, f"record {i} (from 0)", r) for i, r in enumerate(records)]
+
+
+def _read_parquet(path: str) -> list[Example]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading Parquet needs pyarrow (pip install 'trace-kernels[train]')") from e
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several classes for a file it cannot read
+        raise DataError(path, "", f"cannot read as Parquet ({type(e).__name__}: {str(e)[:200]})") from None
+    missing = [k for k in FIELDS if k not in table.column_names]
+    if missing:
+        raise DataError(path, "", f"no column {missing} (have {table.column_names[:10]}; need {', '.join(FIELDS)})")
+    return [_example(path, f"row {i} (from 0)", r) for i, r in enumerate(table.select(list(FIELDS)).to_pylist())]
+
+
+def read_examples(path: str) -> list[Example]:
+    """Records of a .jsonl / .json (a list) / .parquet file; each needs problem, solution and answer (strings
+    or numbers). DataError names the file and the line or record of the first bad one."""
+    try:
+        if path.endswith(".parquet"):
+            out = _read_parquet(path)
+        elif path.endswith(".json"):
+            out = _read_json(path)
+        else:
+            out = _read_jsonl(path)
+    except OSError as e:
+        raise DataError(path, "", f"cannot read ({e.strerror or e})") from None
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise DataError(path, "", "no records")
     return out
 
 
@@ -131,10 +199,10 @@ class MathTask(Task):
     def __init__(self, files: str, tokenizer=None):
         paths = [p.strip() for p in files.split(",") if p.strip()]
         if not paths:
-            raise ValueError("data.train_files: give at least one .jsonl/.parquet path (comma-separated)")
+            raise DataError("data.train_files", "", "give at least one .jsonl/.parquet path (comma-separated)")
         for p in paths:
             if not os.path.exists(p):
-                raise ValueError(f"data.train_files: {p} does not exist")
+                raise DataError("data.train_files", "", f"{p} does not exist")
         self.items = [ex for p in paths for ex in read_examples(p)]
         self.tokenizer = tokenizer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .annotate import ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
+from .annotate import FAILURE_KINDS, ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
 from .config import Config, load_config, save_config
 from .dist import Dist, init_distributed, shard, shutdown
 from .model import char_to_token_spans, load_policy, token_char_offsets
@@ -35,8 +36,13 @@ from .policy import Policy
 from .rollout import Sampling, make_engine
 from .routing import Routing, cap_spans, group_advantages, lambda_at, route
 from .step import batch_loss, pack
-from .tasks import make_task
+from .tasks import DataError, make_task
 
+log = logging.getLogger(__name__)
+
+# Annotated steps in a row on which every annotation job failed before each further one warns that the
+# run is, in effect, training plain GRPO (no spans, no KL).
+ALL_FAILED_WARN_STEPS = 3
 
 def rollout_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
     """The sampling seed of global rollout `index` at `step` (stream 1: self-annotation generations)."""
@@ -87,6 +93,7 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
     local_p = t.prompts_per_step // d.world
     k = t.rollouts_per_prompt
     history = []
+    all_failed_streak = 0
     bar = tqdm(total=t.max_steps, initial=start, disable=not d.main, desc=t.algorithm, dynamic_ncols=True)
 
     for step in range(start, t.max_steps):
@@ -107,10 +114,13 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
 
         # Spans, only for TRACE and only while lambda > 0 (the annotator is not called afterwards).
         lam = 0.0 if t.algorithm == "grpo" else lambda_at(step, tc.w0, tc.hold_steps, tc.decay_steps)
-        key, err, diagnostics, failures = [[] for _ in lens], [[] for _ in lens], [None] * len(lens), 0
-        if lam > 0 and t.algorithm == "trace":
+        key, err, diagnostics, failures = [[] for _ in lens], [[] for _ in lens], [None] * len(lens), {}
+        annotating = lam > 0 and t.algorithm == "trace"
+        if annotating:
             jobs = [Job(ex.problem, x, bool(r)) for x, ex, r in zip(texts, owners, rewards.tolist())]
             seeds = [rollout_seed(t.seed, step, first + i, stream=1) for i in range(len(jobs))]
+            # Every failure is caught per job inside the annotator; what follows runs on validated spans,
+            # so an exception in it is a bug of ours and stops the run.
             annotations, failures = annotator(jobs, owners, seeds)
             for i, a in enumerate(annotations):
                 if a is None:
@@ -171,9 +181,19 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
         opt.step()
 
         names = ["dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped"]
-        local = [sums[n] for n in names] + [rewards.sum().item(), float(sum(ro.finished)), float(failures),
+        # a fixed list of kinds: every rank runs the same collective whatever failed where
+        local = [sums[n] for n in names] + [rewards.sum().item(), float(sum(ro.finished)),
                                             float(sum(1 for a in key if a) + sum(1 for a in err if a))]
-        tot = dict(zip(names + ["reward", "finished", "failures", "annotated"], d.all_sum(local)))
+        local += [float(failures.get(kind, 0)) for kind in FAILURE_KINDS]
+        fail_names = [f"annotator_failures/{kind}" for kind in FAILURE_KINDS]
+        tot = dict(zip(names + ["reward", "finished", "annotated"] + fail_names, d.all_sum(local)))
+        n_failed = int(sum(tot[n] for n in fail_names))
+        if annotating:
+            all_failed_streak = all_failed_streak + 1 if n_failed == b_global else 0
+            if all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:
+                log.warning("!!! step %d: every annotation job failed on %d annotated steps in a row: no spans, no "
+                            "KL, so this TRACE run is training as plain GRPO. Check the annotator "
+                            "(annotator_failures/* in %s, the lines above).", step, all_failed_streak, metrics_path)
         metrics = {
             "step": step, "algorithm": t.algorithm, "loss": tot["loss"], "lambda": lam,
             "reward": tot["reward"] / b_global, "accuracy": tot["reward"] / b_global,
@@ -182,7 +202,8 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
             "fkl": tot["fkl"] / tot["fkl_n"] if tot["fkl_n"] else None,
             "rkl": tot["rkl"] / tot["rkl_n"] if tot["rkl_n"] else None,
             "span_fraction": tot["kl_rows"] / n_global, "teacher_rollouts": int(tot["teacher"]),
-            "annotated_rollouts": int(tot["annotated"]), "annotator_failures": int(tot["failures"]),
+            "annotated_rollouts": int(tot["annotated"]), "annotator_failures": n_failed,
+            **{n: int(tot[n]) for n in fail_names}, "annotator_all_failed_streak": all_failed_streak,
             "clip_fraction": tot["clipped"] / n_global, "grad_norm": grad_norm.item(), "micro_batches": n_micro,
             "dummy_micro_batches": int(tot["dummies"]),
             "time_rollout_s": t_rollout, "time_annotate_s": t_annotate,
@@ -204,13 +225,14 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
 
 
 def make_annotator(cfg: Config, task, engine, tok):
+    """annotator(jobs, examples, seeds) -> (annotations, failures by kind); seeds drive self-annotation."""
     tc = cfg.trace
-    """annotator(jobs, examples, seeds) -> (annotations, failures); seeds drive self-annotation sampling."""
     if tc.annotator == "rule":
         return RuleAnnotator(task)
     if tc.annotator == "api":
         return ApiAnnotator(task, tc.api_base_url, tc.api_model, os.environ.get(tc.api_key_env, ""),
-                            tc.api_timeout_s, tc.api_retries)
+                            tc.api_timeout_s, tc.api_retries, deadline=tc.api_deadline_s,
+                            max_reply_bytes=tc.api_max_reply_bytes)
     return SelfAnnotator(task, engine, tok, task.chat)
 
 
@@ -293,5 +315,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     return 0
