@@ -122,6 +122,8 @@ class _Server:
                 self.wfile.write(payload)
 
         class Quiet(ThreadingHTTPServer):
+            request_queue_size = 64  # the default 5 drops connections when 16 jobs connect at once
+
             def handle_error(self, request, client_address):
                 pass  # a client that hung up on a dripping reply is the point of the test
 
@@ -229,14 +231,6 @@ def test_every_bad_reply_is_a_counted_failure_within_the_deadline(server, caplog
     assert elapsed < 1.5 + SLACK_S, elapsed
     (line,) = [r.getMessage() for r in caplog.records]  # one log line per kind
     assert f"1 of 1 jobs failed ({kind})" in line and KEY not in caplog.text
-
-
-def test_the_fault_kinds_without_their_fix_would_raise():
-    """The cases above are real faults: the pieces the old code used raise on them."""
-    with pytest.raises(RecursionError):
-        json.loads(NESTED)
-    with pytest.raises(AttributeError):
-        None.strip()  # what parse_annotation did to "content": null
 
 
 def test_redirects_are_not_followed_and_the_key_goes_nowhere_else(server, caplog):
@@ -374,51 +368,37 @@ def test_training_continues_through_annotator_failures(server, tmp_path):
 
 
 def test_training_completes_through_a_server_that_fails_every_request(server, tmp_path, monkeypatch, caplog):
-    """Every request fails, in turn by an HTTP error, a null content and a timeout: the run completes its
-    steps as GRPO, counts every job by kind, and warns loudly once all jobs failed on enough steps in a row."""
+    """Every request fails, each in turn in one of the ways of FAULTS: the run completes its steps as GRPO,
+    counts every job by kind, and warns loudly once all jobs failed on enough annotated steps in a row."""
     from trace_train import train
     from trace_train.config import load_config
 
-    count, lock = [0], threading.Lock()
+    names, count, lock = list(FAULTS), [0], threading.Lock()
 
     def failing(prompt):
         with lock:
-            count[0] += 1
-            n = count[0]
-        return [("status", 502), ("json", {"choices": [{"message": {"content": None}}]}), ("sleep", 3.0)][n % 3]
+            n, count[0] = count[0], count[0] + 1
+        return FAULTS[names[n % len(names)]][0]
 
     monkeypatch.setattr(train, "ALL_FAILED_WARN_STEPS", 2)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     s = server(default=failing)
     root = os.path.join(os.path.dirname(__file__), "..")
     cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
-        f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=4",
+        f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=8",
         "train.max_new_tokens=8", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
-        "trace.api_timeout_s=0.5", "trace.api_deadline_s=1.0", "trace.reverse_kl=true", "train.export_hf=false"])
+        "trace.api_timeout_s=1.0", "trace.api_deadline_s=1.5", "trace.reverse_kl=true", "train.export_hf=false"])
     history = train.run(cfg)
-    assert [m["step"] for m in history] == [0, 1]
+    assert [m["step"] for m in history] == [0, 1] and len(s.requests) == 32  # one request per job, no retries
     for m in history:
-        kinds = {k: m[f"annotator_failures/{k}"] for k in annotate.FAILURE_KINDS}
-        assert m["annotator_failures"] == sum(kinds.values()) == 8 and m["annotated_rollouts"] == 0
-        assert kinds["http"] > 0 and kinds["parse"] > 0 and kinds["timeout"] > 0 and kinds["other"] == 0
+        assert m["annotator_failures"] == 16 and m["annotated_rollouts"] == 0
         assert m["span_fraction"] == 0 and m["teacher_rollouts"] == 0
-        assert m["time_annotate_s"] < 1.0 + SLACK_S
+        assert m["time_annotate_s"] < 1.5 + SLACK_S
+    # every behaviour of FAULTS was served at least once, so the totals by kind are known
+    expected = Counter(FAULTS[names[n % len(names)]][1] for n in range(32))
+    assert {k: sum(m[f"annotator_failures/{k}"] for m in history) for k in annotate.FAILURE_KINDS} == {
+        k: expected[k] for k in annotate.FAILURE_KINDS}
     assert [m["annotator_all_failed_streak"] for m in history] == [1, 2]
     loud = [r for r in caplog.records if "training as plain GRPO" in r.getMessage()]
-    assert len(loud) == 1 and "step 1" in loud[0].getMessage()
+    assert len(loud) == 1 and "step 1:" in loud[0].getMessage()
     assert s.requests[0][1] == f"Bearer {KEY}" and KEY not in caplog.text
-
-
-def test_self_annotation_in_the_loop_counts_unparseable_replies(tmp_path):
-    """trace.annotator=self through the real engine: an untrained policy cannot write the JSON, so every
-    rollout's annotation fails, is counted, and the step still trains (GRPO on all tokens, no KL rows)."""
-    from trace_train.config import load_config
-    from trace_train.train import run
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
-        f"train.output_dir={tmp_path}", "train.max_steps=1", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
-        "train.max_new_tokens=8", "trace.annotator=self", "trace.reverse_kl=true", "train.export_hf=false"])
-    (m,) = run(cfg)
-    assert m["annotator_failures"] == m["annotator_failures/parse"] == 4 and m["annotated_rollouts"] == 0
-    assert m["span_fraction"] == 0 and m["teacher_rollouts"] == 0 and m["grad_norm"] >= 0

@@ -111,6 +111,17 @@ def test_parquet_errors_name_the_file_and_row(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_eval_reports_a_bad_data_file_before_loading_the_model(tmp_path, capsys):
+    from trace_train.eval import main as eval_main
+
+    (tmp_path / "bad.json").write_text(json.dumps([RECORDS[0], {"problem": "p", "solution": "s"}]))
+    # the model folder does not exist: the data error comes first
+    assert eval_main(["--model", str(tmp_path / "no-model"), "--files", str(tmp_path / "bad.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"data error: {tmp_path}/bad.json: record 1 (from 0): field 'answer' is missing or null (need problem, "
+        "solution, answer)"]
+
+
 def test_a_bad_data_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     """`python -m trace_train` on a malformed JSONL file: exit status 2, one line on stderr naming the file
     and the line, like a config error."""

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # run is, in effect, training plain GRPO (no spans, no KL).
 ALL_FAILED_WARN_STEPS = 3
 
+
 def rollout_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
     """The sampling seed of global rollout `index` at `step` (stream 1: self-annotation generations)."""
     return ((seed * 1_000_003 + step) * 4 + stream) * 1_000_003 + index
@@ -203,7 +204,8 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
             "rkl": tot["rkl"] / tot["rkl_n"] if tot["rkl_n"] else None,
             "span_fraction": tot["kl_rows"] / n_global, "teacher_rollouts": int(tot["teacher"]),
             "annotated_rollouts": int(tot["annotated"]), "annotator_failures": n_failed,
-            **{n: int(tot[n]) for n in fail_names}, "annotator_all_failed_streak": all_failed_streak,
+            **{n: int(tot[n]) for n in fail_names},
+            "annotator_all_failed_streak": all_failed_streak if annotating else 0,
             "clip_fraction": tot["clipped"] / n_global, "grad_norm": grad_norm.item(), "micro_batches": n_micro,
             "dummy_micro_batches": int(tot["dummies"]),
             "time_rollout_s": t_rollout, "time_annotate_s": t_annotate,
