@@ -174,3 +174,18 @@ def test_trace_config_errors(model_path, tmp_path):
                 {"trace_kl_term_clip": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TraceGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **bad)
+
+
+def test_example_runs(tmp_path, capsys):
+    """examples/trl_trace.py end to end, shortened (2 SFT steps, 2 TRACE steps)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "trl_trace.py")
+    spec = importlib.util.spec_from_file_location("trl_trace_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--sft-steps", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.split("entropy\n")[1].splitlines()
+    assert [line.split()[0] for line in table[:2]] == ["1", "2"]
+    assert float(table[0].split()[2]) == 0.5  # lambda at step 0: w0
