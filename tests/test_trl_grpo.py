@@ -51,6 +51,8 @@ CASES = [  # loss_type, beta, delta, accumulation, off-policy old log-probs, ext
     ("grpo", 0.04, None, 1, False, {}),  # on-policy, bias-corrected k3 (the prepass)
     ("bnpo", 0.04, 2.0, 2, True, {"use_bias_correction_kl": False}),  # k3 inside trace_loss
     ("dapo", 0.0, 1.5, 1, True, {"temperature": 0.7}),
+    ("grpo", 0.04, None, 2, True, {"entropy_coef": 0.05}),  # entropy bonus, through the prepass
+    ("dapo", 0.0, None, 2, False, {"entropy_coef": 0.05}),  # entropy bonus as trace_loss's entropy_weight
 ]
 
 
@@ -83,7 +85,8 @@ def test_loss_and_gradients_equal_trl(model_path, tmp_path, case):
     assert grads.keys() == grads_ref.keys() and len(grads) > 5
     for name, g_ref in grads_ref.items():
         assert (grads[name] - g_ref).abs().max() <= TOL * g_ref.abs().max(), name
-    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+    for key in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "policy_loss",
+                "entropy_coef"):
         if key in ref._metrics["train"]:
             assert ours._metrics["train"][key] == pytest.approx(ref._metrics["train"][key], rel=1e-4, abs=1e-6), key
 
@@ -112,7 +115,7 @@ def test_vllm_importance_sampling_ratio_equal_trl(model_path, tmp_path):
     ("loss_type", "cispo", "loss_type"), ("loss_type", "sapo", "loss_type"),
     ("importance_sampling_level", "sequence", "importance_sampling_level"),
     ("off_policy_mask_threshold", 0.5, "off_policy_mask_threshold"),
-    ("top_entropy_quantile", 0.5, "top_entropy_quantile"), ("entropy_coef", 0.01, "entropy_coef"),
+    ("top_entropy_quantile", 0.5, "top_entropy_quantile"),
     ("use_adaptive_entropy", True, "use_adaptive_entropy"), ("delta", 1.1, "delta"),
 ])
 def test_unsupported_option_raises_at_construction(model_path, tmp_path, option, value, match):

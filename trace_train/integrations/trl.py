@@ -244,12 +244,19 @@ class TraceGRPOTrainer(GRPOTrainer):
             weight = weight.full_tensor()
         if self.args.cast_lm_head_to_fp32:
             hidden = hidden.float()
+        teacher = self._teacher_rows(backbone, inputs, mask, t, hidden.dtype)
         with maybe_gather_lm_head_ctx(weight):
             w = weight.float() if self.args.cast_lm_head_to_fp32 else weight.to(hidden.dtype)
-            teacher = self._teacher_rows(backbone, inputs, mask, t, hidden.dtype)
-            loss, out, pg_w = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
+            loss, out, entropy_w = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
+        # The policy part of the loss (TRL logs it with an entropy bonus): the total less the KL and entropy terms.
+        other = torch.zeros((), device=loss.device)
+        if entropy_w is not None:
+            other = other + (entropy_w * out.entropy).sum()
+        if teacher is not None:
+            other = other + (teacher["fkl_weight"] * out.fkl).sum() + (teacher["rkl_weight"] * out.rkl).sum()
         stats = dict(logprobs=out.logprobs, entropy=out.entropy, fkl=out.fkl, rkl=out.rkl,
-                     kinds=None if teacher is None else teacher["kinds"], mask=mask)
+                     kinds=None if teacher is None else teacher["kinds"], mask=mask,
+                     policy_loss=loss.detach() - other)
         return loss, stats
 
     def _teacher_rows(self, backbone, inputs, mask_BT, t, dtype):
@@ -290,6 +297,10 @@ class TraceGRPOTrainer(GRPOTrainer):
             scale = torch.ones_like(pg_w).reshape(-1)
             scale[teacher["kl_index"]] = 1.0 - teacher["lam"] / self.args.trace_w0
             pg_w = pg_w * scale.reshape(pg_w.shape)
+        entropy_w = None
+        if self.entropy_coef != 0.0:
+            maskf = mask.float()
+            entropy_w = -self.entropy_coef * maskf / maskf.sum().clamp(min=1.0) / accumulation
         is_ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_ratio = inputs["importance_sampling_ratio"]
@@ -308,13 +319,14 @@ class TraceGRPOTrainer(GRPOTrainer):
                 is_ratio=is_ratio)
             dlogp = dlogp * mask
             out = self._prepass_loss_fn(hidden, weight, completion_ids, -dlogp, mask=mask,
-                                        pg_weight=torch.ones_like(dlogp), **kl)
-            return out.loss + (value - dlogp.sum()), out, pg_w
+                                        pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, **kl)
+            return out.loss + (value - dlogp.sum()), out, entropy_w
         if is_ratio is not None:
             pg_w = pg_w * is_ratio
         out = self._loss_fn(hidden, weight, completion_ids, advantages.expand(mask.shape), mask=mask, pg_weight=pg_w,
-                            old_logprobs=old, ref_logprobs=ref if self.beta != 0.0 else None, **kl)
-        return out.loss, out, pg_w
+                            old_logprobs=old, ref_logprobs=ref if self.beta != 0.0 else None,
+                            entropy_weight=entropy_w, **kl)
+        return out.loss, out, entropy_w
 
     def _log_loss_metrics(self, inputs, stats):
         """TRL's loss metrics (same names and meaning), from the detached log-probs, plus TRACE's KLs."""
@@ -334,6 +346,14 @@ class TraceGRPOTrainer(GRPOTrainer):
             totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum().float()]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
+        if self._entropy_bonus_enabled:
+            # TRL logs the policy loss before the accumulation division for the per-sequence / per-batch means,
+            # after it for dapo (its normaliser includes the accumulation).
+            accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+            policy_loss = stats["policy_loss"] * (1.0 if self.loss_type == "dapo" else accumulation)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1

@@ -7,10 +7,11 @@ summed with a per-token weight that only the loss type (and gradient accumulatio
     dr_grpo: mask_bt / (B max_completion_length GA)
     dapo:    mask_bt / (num_items_in_batch / processes x GA / steps_per_generation)
 (B the micro-batch's sequences, GA the accumulation steps in training, 1 in evaluation). Those weights are
-`pg_weight`; `delta` >= 1 + eps_high is exactly the dual clip (below it TRL's delta is not a cap, and we
-refuse it). TRL's default `use_bias_correction_kl` multiplies k3 by r, whose log-prob derivative,
-r (logp - ref), `trace_loss` has no term for: with beta > 0 and bias correction the loss goes through
-`prepass_coefficients` instead (one extra no-grad LM-head sweep; see there).
+`pg_weight`; a fixed entropy bonus, -entropy_coef x mask_bt / (sum mask GA), is `entropy_weight`;
+`delta` >= 1 + eps_high is exactly the dual clip (below it TRL's delta is not a cap, and we refuse it).
+TRL's default `use_bias_correction_kl` multiplies k3 by r, whose log-prob derivative, r (logp - ref),
+`trace_loss` has no term for: with beta > 0 and bias correction (or a vLLM importance-sampling ratio)
+the loss goes through `prepass_coefficients` instead (one extra no-grad LM-head sweep; see there).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
         errors.append("off_policy_mask_threshold (off-policy sequence masking) is not supported; set it to None")
     if args.top_entropy_quantile < 1.0:
         errors.append("top_entropy_quantile < 1 (high-entropy token masks) is not supported; set it to 1.0")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        errors.append("entropy_coef / use_adaptive_entropy (entropy bonus) is not supported; set entropy_coef=0 "
-                      "and use_adaptive_entropy=False")
+    if args.use_adaptive_entropy:
+        errors.append("use_adaptive_entropy (the adaptive entropy controller) is not supported; a fixed "
+                      "entropy_coef is")
     eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     if args.delta is not None and not (args.delta >= 1 + eps_high and args.delta > 1):
         errors.append(f"delta={args.delta} below 1 + epsilon_high is not a dual clip; use delta >= {1 + eps_high}")
