@@ -12,6 +12,7 @@ both passes; the cost is one LM-head GEMM forward and three in the backward.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .loss import token_logprobs, trace_loss
 
@@ -26,6 +27,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         return logp_N, entropy_N
 
     @staticmethod
+    @once_differentiable  # the backward is itself a fused kernel call: no double backward
     def backward(ctx, dlogp_N, dentropy_N):
         hidden_NH, weight_VH, targets_N = ctx.saved_tensors
         temperature, ignore_index, impl = ctx.options
