@@ -15,6 +15,7 @@ setup(
         "train": ["transformers>=4.56", "accelerate", "safetensors", "math-verify", "tokenizers", "tqdm", "pyarrow"],
         "bench": ["liger-kernel>=0.6", "pytest-benchmark", "matplotlib"],
         "dev": ["pytest", "hypothesis", "ruff"],
+        "trl": ["trl>=1.13,<2", "datasets"],
         "vllm": ["vllm"],
         "flash": ["flash-attn"],
     },

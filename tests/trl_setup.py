@@ -1,0 +1,61 @@
+"""A tiny Qwen3 with a character tokenizer saved to a folder (TRL reloads the reference model from its path
+when beta > 0), and TRL trainers built on it for the CPU. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+from trace_train.config import ModelConfig
+from trace_train.model import build_char_tokenizer, build_tiny_model
+
+PROMPTS = ["2+3=", "7*6-1=", "9-4=", "1+1+1=", "8*2=", "5-7="]
+
+
+def save_tiny_model(folder, seed: int = 0) -> str:
+    tok = build_char_tokenizer()
+    model = build_tiny_model(ModelConfig(tiny_layers=1, tiny_hidden=32, tiny_heads=2), tok, seed=seed)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def digit_reward(completions, **kwargs):
+    """1 for a completion that starts with a digit, else 0: enough to give groups mixed rewards."""
+    return [float(c[:1].isdigit()) for c in completions]
+
+
+def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, **config):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    config_cls = config_cls or GRPOConfig
+    defaults = dict(output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=4,
+                    num_generations=2, max_completion_length=8, logging_steps=1, save_strategy="no", seed=0,
+                    learning_rate=1e-3)
+    args = config_cls(**{**defaults, **config})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = dataset_rows or {"prompt": PROMPTS}
+    return cls(model=model, reward_funcs=digit_reward, args=args, train_dataset=Dataset.from_dict(rows),
+               processing_class=tok, **(trainer_kwargs or {}))
+
+
+def random_batch(vocab: int, *, b: int = 4, p: int = 5, t: int = 7, seed: int = 0, pad_id: int = 0):
+    """A GRPO micro-batch as `_generate_and_score_completions` returns it: left-padded prompts, right-padded
+    completions of different lengths (one of length 1), per-sequence advantages."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (b, p), generator=g)
+    prompt_mask = torch.ones(b, p, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    prompt_ids[0, :2] = pad_id
+    completion_ids = torch.randint(3, vocab, (b, t), generator=g)
+    lengths = [t, 1, t - 2, 3][:b] + [t] * max(0, b - 4)
+    completion_mask = torch.zeros(b, t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        completion_mask[i, :n] = 1
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, advantages=torch.randn(b, generator=g),
+                num_items_in_batch=completion_mask.sum().float() * 2)
