@@ -91,25 +91,43 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert logged == list(range(6))
 
 
+# Reward rise (mean of the last 10 steps minus the first 10) of the learning test's runs, measured
+# 2026-11-26 on a 2-core Intel Xeon with torch 2.13.0, the torch CPU kernel set forced with ATEN_CPU_CAPABILITY:
+#   GRPO, seeds 0-5, AVX-512:   +0.24 +0.39 +0.41 +0.30 +0.12 +0.25
+#                    AVX2:      +0.18 +0.09 +0.34 +0.61 +0.05 +0.16
+#                    default:   +0.22 +0.56 +0.21 +0.27 +0.05 +0.29   (over these 18: mean 0.26, sd 0.16)
+#   Update disabled (lr 0), seeds 0-4, AVX-512: -0.04 +0.03 +0.03 +0.02 -0.01 (mean 0.007, sd 0.029).
+#   Advantage sign flipped, seeds 0-2: -0.006 -0.006 -0.017 (the reward falls to 0 within the first steps).
+# The test asserts the mean over seeds 0-4 >= 0.08 (0.29 / 0.25 / 0.26 under the three kernel sets above):
+# 5.6 standard deviations above the no-update mean of 5 seeds (sd 0.013), while resampling the 18 learning
+# runs gives a mean of 5 below 0.08 in about 4 of 10,000 draws.
+LEARNING_SEEDS = (0, 1, 2, 3, 4)
+MIN_MEAN_RISE = 0.08
+
+
 def test_grpo_raises_the_reward_on_a_small_problem_pool(tmp_path):
     """A short warm start (100 supervised steps: the format and some arithmetic), then 60 GRPO steps on a
-    pool of 4 fixed problems: the parameters move and the training reward rises. Measured at seeds 0 / 1 / 2
-    (2026-11-26): mean reward of the first 10 steps 0.22 / 0.07 / 0.16, of the last 10 0.47 / 0.43 / 0.40;
-    the test asserts a rise of at least 0.15 at seed 0 (deterministic: seeded data and sampling)."""
+    pool of 4 fixed problems at each of 5 seeds: the training reward rises on average by a margin no run
+    without learning reaches, and the parameters move. One seeded run is exact only on one CPU kernel set
+    (another set rounds differently and sampling amplifies it), so the assertion is on the mean over seeds,
+    with the margin taken from the spread measured under every kernel set (above); it fails with the update
+    disabled or the advantage sign flipped."""
     from trace_train.config import ModelConfig
     from trace_train.model import load_policy
     from trace_train.sft import sft
 
     warm = tmp_path / "warm"
     sft(ModelConfig(), str(warm), steps=100, batch=64, min_ops=1, max_ops=2, log=lambda s: None)
-    history = run(_cfg(tmp_path / "rl", f"model.path={warm}", "train.algorithm=grpo", "train.max_steps=60",
-                       "train.lr=1e-3", "data.min_ops=1", "data.max_ops=2", "data.pool_size=4",
-                       "train.prompts_per_step=8", "train.rollouts_per_prompt=8", "train.max_new_tokens=16",
-                       "train.checkpoint_every=1000"))
-    rewards = [m["reward"] for m in history]
-    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last >= first + 0.15, (first, last)
+    rises = []
+    for seed in LEARNING_SEEDS:
+        history = run(_cfg(tmp_path / f"rl{seed}", f"model.path={warm}", "train.algorithm=grpo", "train.max_steps=60",
+                           "train.lr=1e-3", "data.min_ops=1", "data.max_ops=2", "data.pool_size=4",
+                           "train.prompts_per_step=8", "train.rollouts_per_prompt=8", "train.max_new_tokens=16",
+                           "train.checkpoint_every=1000", f"train.seed={seed}", f"train.export_hf={seed == 0}"))
+        rewards = [m["reward"] for m in history]
+        rises.append(sum(rewards[-10:]) / 10 - sum(rewards[:10]) / 10)
+    assert sum(rises) / len(rises) >= MIN_MEAN_RISE, rises
     before, _ = load_policy(ModelConfig(path=str(warm)))
-    after, _ = load_policy(ModelConfig(path=str(tmp_path / "rl" / "hf")))
+    after, _ = load_policy(ModelConfig(path=str(tmp_path / "rl0" / "hf")))
     moved = max((a - b).abs().max().item() for a, b in zip(after.state_dict().values(), before.state_dict().values()))
     assert moved > 1e-3

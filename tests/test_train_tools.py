@@ -69,8 +69,11 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path):
     assert last[-1].startswith("| trace-noclip |") and last[-7].startswith("| algorithm |")
     report = (out / "report.md").read_text()
     assert "| trace |" in report and "Seeds 0" in report and "curves.png" in report
+    # the machine beside the numbers: seeded runs repeat exactly only on the same CPU kernels and software
+    assert "torch CPU kernels" in report and any(x.startswith("machine: ") for x in last[-10:])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.load(open(out / "summary.json"))
+    assert summary["settings"]["machine_info"]["cpu_capability"] and summary["settings"]["machine_info"]["torch"]
     for alg in ("grpo", "trace", "opd_all", "trace-noclip"):
         assert len(json.loads((out / f"{alg}-s0" / "metrics.jsonl").read_text().splitlines()[-1])) > 5
         assert 0 <= summary["scores"][f"{alg}-s0"]["out_of_dist"]["avg_at_k"] <= 1

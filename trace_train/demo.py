@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 
+from . import machine
 from .config import load_config
 from .plot import plot_runs, read_metrics
 
@@ -172,6 +172,11 @@ last 5 steps.
 
 A difference smaller than the spread over seeds is not evidence either way.
 
+Reproducibility: the same machine and software repeat this run exactly (seeded data and sampling); a CPU
+whose torch picks another kernel set ({settings['machine_info']['cpu_capability']} here), another thread count
+or another torch build rounds differently, sampling amplifies it, and the digits differ. Compare algorithms by
+the spread over seeds, not by one run's digits.
+
 ## Curves
 
 ![curves](curves.png)
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
     plot_runs({run: [read_metrics(os.path.join(a.out, f"{run}-s{s}")) for s in seeds] for run, _, _ in RUNS},
               os.path.join(a.out, "curves.png"))
     settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}", "nproc": a.nproc,
+                "machine": machine.one_line(), "machine_info": machine.describe(), "nproc": a.nproc,
                 "eval_n": a.eval_n, "sft": sft_settings, "rl": {"steps": a.steps, "overrides": a.overrides,
                                                                 "train": vars(cfg.train), "trace": vars(cfg.trace),
                                                                 "loss": vars(cfg.loss)},
@@ -244,6 +249,7 @@ def main(argv=None) -> int:
     table = summarize(a.out, seeds, a.steps, scores, walls, settings)
     _log(f"report: {os.path.join(a.out, 'report.md')}, plots: {os.path.join(a.out, 'curves.png')}, "
          f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"machine: {settings['machine']}", flush=True)
     print(table, flush=True)
     return 0
 
