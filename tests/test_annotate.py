@@ -5,7 +5,6 @@ while its annotator fails."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -194,8 +193,7 @@ def test_training_continues_through_annotator_failures(server, tmp_path):
     from trace_train.train import run
 
     s = server(default=_oracle)
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
+    cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=4",
         "train.max_new_tokens=12", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
         "trace.reverse_kl=true", "train.export_hf=false"])
@@ -212,8 +210,7 @@ def test_self_annotation_in_the_loop_counts_unparseable_replies(tmp_path):
     from trace_train.config import load_config
     from trace_train.train import run
 
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
+    cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=1", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
         "train.max_new_tokens=8", "trace.annotator=self", "trace.reverse_kl=true", "train.export_hf=false"])
     (m,) = run(cfg)
