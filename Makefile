@@ -22,7 +22,7 @@ pytest: $(STAMP)
 # The artifact, not the checkout: the wheel built, installed with its `train` extra into a fresh venv (the
 # same torch), imported and run for two training steps from a directory outside the repository.
 wheel-check:
-	TORCH=$(TORCH) .ci/check_wheel.sh
+	TORCH="$(TORCH)" .ci/check_wheel.sh
 
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)

@@ -5,8 +5,10 @@
 #
 #   .ci/check_wheel.sh            (`make wheel-check`; `make test` runs it)
 #
-# Env: PYTHON (the interpreter that makes the venv, default python3), TORCH (the torch requirement
-# installed first, default torch==2.13.0: the CPU build, so the `train` extra never pulls a CUDA one).
+# Env: PYTHON (the interpreter that makes the venv, default python3), TORCH (pip arguments for the torch
+# installed first, default torch==2.13.0, the build the Makefile's venv has; word-split, so it may carry
+# e.g. --index-url https://download.pytorch.org/whl/cpu), installed first so that the wheel's requirements
+# never pull another torch.
 # Exits non-zero on the first failure; the temporary directory is removed either way.
 set -euo pipefail
 unset PYTHONPATH  # the installed wheel must be what imports, never the checkout
@@ -27,7 +29,8 @@ mkdir "$WORK/src" "$WORK/dist" "$WORK/run"
 step "fresh venv, $TORCH"
 "$PYTHON" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install -q "$TORCH"
+# shellcheck disable=SC2086  # TORCH may hold several pip arguments
+"$VPY" -m pip install -q $TORCH
 
 step "build the wheel"
 "$VPY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
