@@ -16,9 +16,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/trace-wheel-check.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
 t0=$(date +%s)
 step() { echo "[wheel-check $(( $(date +%s) - t0 ))s] $*"; }
+trap 'rm -rf "$WORK"; step "removed $WORK"' EXIT
 
 # The source as a clone has it (tracked and new files, nothing ignored), so no stale build/ or egg-info
 # of the checkout can leak into the wheel.
