@@ -1,21 +1,28 @@
-# The two commands a newcomer runs: `make demo` (the main job) and `make test`; `make bench` and
-# `make bench-memory` are the CPU benchmarks. Each sets itself up:
+# The two commands a newcomer runs: `make demo` (the main job) and `make test` (the tests, then the
+# installed-wheel check); `make bench` and `make bench-memory` are the CPU benchmarks. Each sets itself up:
 # a virtual environment in .venv with torch (CPU build by default) and this package installed.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-memory lint clean
+.PHONY: test pytest wheel-check demo bench bench-memory lint clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev,bench,train]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: pytest wheel-check
+
+pytest: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# The artifact, not the checkout: the wheel built, installed with its `train` extra into a fresh venv (the
+# same torch), imported and run for two training steps from a directory outside the repository.
+wheel-check:
+	TORCH="$(TORCH)" .ci/check_wheel.sh
 
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
@@ -31,4 +38,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build dist

@@ -10,7 +10,7 @@ medians over --repeats after a warm-up (compilation excluded), with the min-max 
 memory: on CUDA the allocator's peak above the inputs; on the CPU the resident-set high-water mark of a
 fresh process per measurement, above the inputs, warm-up (and compilation) included. Ratios are against
 the naive loss measured in the same run. On CUDA the achieved TFLOP/s count the LM-head floor of
-DESIGN.md section 3, 2NHV (3 + M/N), against the card's measured bf16 matmul rate. Output: results.csv,
+docs/benchmarks.md, 2NHV (3 + M/N), against the card's measured bf16 matmul rate. Output: results.csv,
 results.md (printed last) and PNG plots in --out.
 """
 

@@ -5,7 +5,6 @@ while its annotator fails."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections import Counter
@@ -354,8 +353,7 @@ def test_training_continues_through_annotator_failures(server, tmp_path):
     from trace_train.train import run
 
     s = server(default=_oracle)
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
+    cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=4",
         "train.max_new_tokens=12", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
         "trace.reverse_kl=true", "train.export_hf=false"])
@@ -383,8 +381,7 @@ def test_training_completes_through_a_server_that_fails_every_request(server, tm
     monkeypatch.setattr(train, "ALL_FAILED_WARN_STEPS", 2)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     s = server(default=failing)
-    root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "toy.toml"), [
+    cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=8",
         "train.max_new_tokens=8", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
         "trace.api_timeout_s=1.0", "trace.api_deadline_s=1.5", "trace.reverse_kl=true", "train.export_hf=false"])
@@ -402,3 +399,18 @@ def test_training_completes_through_a_server_that_fails_every_request(server, tm
     loud = [r for r in caplog.records if "training as plain GRPO" in r.getMessage()]
     assert len(loud) == 1 and "step 1:" in loud[0].getMessage()
     assert s.requests[0][1] == f"Bearer {KEY}" and KEY not in caplog.text
+
+
+def test_self_annotation_in_the_loop_counts_unparseable_replies(tmp_path):
+    """trace.annotator=self through the real engine: an untrained policy cannot write the JSON, so every
+    rollout's annotation fails, is counted as a parse failure, and the step still trains (GRPO on all tokens,
+    no KL rows)."""
+    from trace_train.config import load_config
+    from trace_train.train import run
+
+    cfg = load_config("toy", [
+        f"train.output_dir={tmp_path}", "train.max_steps=1", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
+        "train.max_new_tokens=8", "trace.annotator=self", "trace.reverse_kl=true", "train.export_hf=false"])
+    (m,) = run(cfg)
+    assert m["annotator_failures"] == 4 and m["annotator_failures/parse"] == 4 and m["annotated_rollouts"] == 0
+    assert m["span_fraction"] == 0 and m["teacher_rollouts"] == 0 and m["grad_norm"] >= 0

@@ -1,4 +1,4 @@
-"""Values and gradients of every implementation against the materialized fp64 reference (DESIGN.md section 2).
+"""Values and gradients of every implementation against the materialized fp64 reference (docs/contract.md).
 
 Tolerances (problems.PRECISION). fp64 inputs: the chunked paths differ from the reference only in
 summation order and in the closed-form gradients, so they agree to ~1e-13; 1e-9 leaves room for

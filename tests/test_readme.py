@@ -18,3 +18,21 @@ def test_readme_example_runs():
     for leaf in (hidden, weight):
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().max() > 0
     assert out.fkl.shape == (scope["M"],) and out.rkl.shape == (scope["M"],)
+
+
+def test_links_in_readme_and_docs_resolve_inside_the_repository():
+    """Every relative link of README.md and docs/*.md names a file or folder of this repository."""
+    import glob
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    pages = [os.path.join(root, "README.md"), *glob.glob(os.path.join(root, "docs", "*.md"))]
+    checked, broken = 0, []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", open(page).read()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor on the same page
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target.split("#")[0]))
+            checked += 1
+            if not path.startswith(root + os.sep) or not os.path.exists(path):
+                broken.append(f"{os.path.relpath(page, root)}: {target}")
+    assert checked >= 10 and not broken, broken

@@ -133,7 +133,7 @@ def test_a_bad_data_file_exits_2_with_one_line_and_no_traceback(tmp_path):
     bad.write_text(GOOD + "\n" + GOOD + "\n{oops\n")
     root = os.path.join(os.path.dirname(__file__), "..")
     env = {**os.environ, "PYTHONPATH": os.path.abspath(root)}
-    r = subprocess.run([sys.executable, "-m", "trace_train", "--config", os.path.join(root, "configs", "toy.toml"),
+    r = subprocess.run([sys.executable, "-m", "trace_train", "--config", "toy",
                         "data.task=math", f"data.train_files={bad}", f"train.output_dir={tmp_path / 'run'}",
                         "train.algorithm=grpo", "train.export_hf=false"],
                        capture_output=True, text=True, env=env, timeout=300)

@@ -31,7 +31,7 @@ SMALL = ["train.prompts_per_step=4", "train.rollouts_per_prompt=4", "train.max_n
 
 
 def _launch(out, nproc: int, *overrides) -> list[dict]:
-    args = ["--config", os.path.join(ROOT, "configs", "toy.toml"), f"train.output_dir={out}", *SMALL, *overrides]
+    args = ["--config", "toy", f"train.output_dir={out}", *SMALL, *overrides]
     if nproc == 1:
         cmd = [sys.executable, "-m", "trace_train", *args]
     else:
@@ -86,7 +86,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, overrides):
 def _weights_initial() -> dict[str, torch.Tensor]:
     from trace_train.config import load_config
 
-    cfg = load_config(os.path.join(ROOT, "configs", "toy.toml"))
+    cfg = load_config("toy")
     model, _ = load_policy(cfg.model, seed=cfg.train.seed)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

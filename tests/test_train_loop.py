@@ -23,7 +23,7 @@ SMALL = ["train.prompts_per_step=4", "train.rollouts_per_prompt=4", "train.max_n
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(os.path.join(ROOT, "configs", "toy.toml"), [f"train.output_dir={tmp_path}", *SMALL,
+    return load_config("toy", [f"train.output_dir={tmp_path}", *SMALL,
                                                                    *overrides])
 
 
@@ -72,7 +72,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     steps = ["train.max_steps=6", "train.checkpoint_every=1"]
     full = run(_cfg(tmp_path / "full", *steps))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "trace_train", "--config", os.path.join(ROOT, "configs", "toy.toml"),
+    cmd = [sys.executable, "-m", "trace_train", "--config", "toy",
            f"train.output_dir={out}", *SMALL, *steps]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": ROOT})

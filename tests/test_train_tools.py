@@ -13,21 +13,28 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from trace_train.config import load_config  # noqa: E402
+from trace_train.config import load_config, shipped_configs  # noqa: E402
 from trace_train.eval import main as eval_main  # noqa: E402
 from trace_train.plot import main as plot_main  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))))
+def test_shipped_configs_are_the_package_files():
+    """Every TOML file in the package's configs folder is a shipped config, and there are the four we document."""
+    folder = os.path.join(ROOT, "trace_train", "configs")
+    assert shipped_configs() == sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(folder, "*.toml")))
+    assert {"toy", "demo", "qwen3-1.7b-trace-rkl", "qwen3-8b-trace-fkl"} <= set(shipped_configs())
+
+
+@pytest.mark.parametrize("path", shipped_configs())
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     if "qwen3-8b" in path:
         assert cfg.trace.forward_kl and not cfg.trace.reverse_kl and cfg.model.compute_dtype == "bfloat16"
     if "qwen3-1.7b" in path:
         assert cfg.trace.reverse_kl and not cfg.trace.forward_kl
-    if "qwen3" in path:  # DESIGN.md section 1
+    if "qwen3" in path:  # the paper's TRACE settings
         assert (cfg.trace.w0, cfg.trace.hold_steps, cfg.trace.decay_steps) == (0.5, 10, 30)
         assert (cfg.trace.span_cap, cfg.loss.kl_term_clip, cfg.loss.clip_low, cfg.loss.clip_high) == (
             0.25, 0.05, 0.2, 0.28)

@@ -1,4 +1,4 @@
-"""Bad input: a ValueError naming the argument, raised before any computation (DESIGN.md section 2)."""
+"""Bad input: a ValueError naming the argument, raised before any computation (docs/contract.md, "Errors")."""
 
 from __future__ import annotations
 

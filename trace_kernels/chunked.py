@@ -1,4 +1,4 @@
-"""The chunked algorithm of DESIGN.md section 3, shared by the torch and Triton row backends.
+"""The chunked algorithm (docs/contract.md, "Memory"), shared by the torch and Triton row backends.
 
 1. Row compaction: only rows that matter (a valid target, or a distilled row's student) are computed.
 2. Those rows are cut into chunks whose [C, V] and [K, V] fp32 buffers fit a memory budget; nothing of

@@ -1,4 +1,4 @@
-"""Public entry points: `trace_loss` (DESIGN.md section 2) and its no-grad sibling `token_logprobs`."""
+"""Public entry points: `trace_loss` and its no-grad sibling `token_logprobs` (contract: docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -61,14 +61,62 @@ def trace_loss(
     ignore_index: int = -100,
     impl: str = "auto",
 ) -> TraceLossOutput:
-    """GRPO + span-routed forward/reverse KL to a teacher + entropy, from hidden states and the LM head.
+    """GRPO + span-routed forward/reverse KL to a teacher + entropy, from hidden states and the LM head,
+    without ever holding the [N, V] logits. The full contract, with every edge case, is docs/contract.md.
 
-    Shapes: hidden [N, H], weight [V, H] (same dtype: fp32, bf16, fp16, or fp64), targets [N] int64,
-    advantages / pg_weight / old_logprobs / ref_logprobs / entropy_weight [N]; teacher_hidden [M, H],
-    teacher_weight [V, H], kl_index [M] int64 (student row of each distilled row), fkl_weight / rkl_weight [M].
-    The exact definitions are in DESIGN.md section 2. The loss is differentiable w.r.t. hidden and weight
-    only; the teacher is constant. impl: "auto" (Triton on CUDA, else torch), "triton", "torch" (chunked
-    PyTorch, never N x V), "reference" (materialized, for tests). Bad arguments raise ValueError first.
+    With z = hidden @ weight.T / temperature, p = softmax(z), logp_i = log p_i[targets_i],
+    H_i = entropy of p_i, r_i = exp(logp_i - old_i), and for the teacher q = softmax(teacher_hidden @
+    teacher_weight.T / temperature) compared with student row s = kl_index_j::
+
+        loss = sum_{valid i} pg_weight_i (L_pg_i + beta k3_i) + entropy_weight_i H_i
+             + sum_j fkl_weight_j FKL_j + rkl_weight_j RKL_j
+        L_pg_i = max(-r_i A_i, -clamp(r_i, 1 - clip_low, 1 + clip_high) A_i), capped at -dual_clip A_i if A_i < 0
+        k3_i  = exp(ref_i - logp_i) - (ref_i - logp_i) - 1
+        FKL_j = sum_v q_jv (log q_jv - log p_sv)     KL(teacher || student)
+        RKL_j = sum_v p_sv (log p_sv - log q_jv)     KL(student || teacher)
+
+    A weighted sum, not a mean; a valid row has targets_i != ignore_index; a KL row counts whatever its
+    target. Computed in fp32 (fp64 for fp64 inputs).
+
+    Args:
+        hidden: [N, H] student hidden states, fp32 / bf16 / fp16 / fp64; row i predicts targets[i].
+        weight: [V, H] LM-head weight (no bias), same dtype and device as hidden.
+        targets: [N] int64 token ids in [0, V), or ignore_index (the row is ignored).
+        advantages: [N] float, per token (broadcast each sequence's advantage yourself).
+        pg_weight: [N] float weight of each row's PG (+ k3) term. None: 1 / max(n_valid, 1) on valid rows.
+        old_logprobs: [N] behaviour-policy log-probs. None: on-policy (old = current, detached; ratio 1).
+        ref_logprobs: [N] reference-policy log-probs for the k3 penalty; required when beta > 0.
+        beta: weight of k3 (>= 0).
+        clip_low, clip_high: the ratio's clip range [1 - clip_low, 1 + clip_high] (each >= 0).
+        dual_clip: c > 1 caps the PG loss of rows with A < 0 at -c A; None: no cap.
+        temperature: > 0, divides the student and teacher logits.
+        teacher_hidden: [M, H] teacher hidden states of the M distilled rows (same dtype); None: no KL.
+        teacher_weight: [V, H] teacher LM head. None: `weight`, used without gradient.
+        kl_index: [M] int64 student row of each distilled row (repeats allowed). None: arange(N), M == N.
+        fkl_weight: [M] float weight of each row's forward KL. None: no forward-KL term.
+        rkl_weight: [M] float weight of each row's reverse KL. None: no reverse-KL term.
+        kl_term_clip: c >= 0 clamps every vocabulary term of each KL to [-c, c] (a clamped term has no
+            gradient); None: no clamp.
+        entropy_weight: [N] float weight of each row's entropy (negative: a bonus). None: no entropy term.
+        ignore_index: the target value that marks an ignored row.
+        impl: "auto" (Triton for CUDA tensors when triton imports and the dtype is not fp64, else torch),
+            "triton", "torch" (chunked PyTorch, the CPU path), "reference" (materialized, tests only).
+
+    Returns:
+        TraceLossOutput(loss, logprobs, entropy, fkl, rkl): loss a scalar differentiable w.r.t. hidden and
+        weight only (the teacher is constant; gradients are computed in the forward, backward scales them);
+        logprobs [N] and entropy [N] detached fp32, 0 on ignored rows; fkl [M] and rkl [M] detached fp32
+        (clipped if kl_term_clip is set), None without teacher_hidden.
+
+    Raises:
+        ValueError: naming the argument, before any computation: a bad shape, dtype or device, an index
+            out of range, temperature <= 0, beta / clip_low / clip_high / kl_term_clip < 0, dual_clip <= 1,
+            beta > 0 without ref_logprobs, a teacher argument without teacher_hidden, kl_index missing with
+            M != N, an unknown impl, or impl="triton" where it cannot run (no triton, not CUDA without
+            TRITON_INTERPRET=1, fp64).
+
+    Memory: at most the chunk budget (256 MB default; TRACE_KERNELS_CHUNK_MB or `chunk_budget`) of
+    [rows, V] buffers plus an fp32 [V, H] weight-gradient accumulator when weight requires grad.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -96,8 +144,24 @@ def token_logprobs(
     ignore_index: int = -100,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log p(targets) [N] fp32 (and the entropy [N] with return_entropy), without gradient, under the same
-    memory bound as `trace_loss`: the old- and reference-policy log-probs of GRPO. 0 on ignored rows."""
+    """log p(targets) without gradient, under the same memory bound as `trace_loss`: the old- and
+    reference-policy log-probs of GRPO. Same definitions and checks as `trace_loss` (docs/contract.md).
+
+    Args:
+        hidden: [N, H] hidden states, fp32 / bf16 / fp16 / fp64.
+        weight: [V, H] LM-head weight, same dtype and device as hidden.
+        targets: [N] int64 token ids in [0, V), or ignore_index.
+        temperature: > 0, divides the logits.
+        return_entropy: also return the entropy of each row.
+        ignore_index: the target value that marks an ignored row.
+        impl: as in `trace_loss`.
+
+    Returns:
+        logprobs [N] fp32 (0 on ignored rows), detached; with return_entropy, (logprobs, entropy [N] fp32).
+
+    Raises:
+        ValueError: naming the argument, as `trace_loss` does.
+    """
     n = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else 0
     device = hidden.device if isinstance(hidden, torch.Tensor) else None
     advantages = torch.zeros(n, device=device)

@@ -7,7 +7,7 @@ softmax(u), s = local student row of each distilled row, d = log p_s - log q:
     logp_c = log p_c[y_c]                   entropy_c = -sum_v p log p
     FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip)
 
-and, when asked, dloss/dz (DESIGN.md section 2):
+and, when asked, dloss/dz (docs/contract.md, "Gradients"):
 
     dz_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
          + sum_{k: s_k = c} fw_k (p_c - q_k) + rw_k p_c (d_k - RKL_k)      (unclipped)

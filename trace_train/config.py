@@ -1,16 +1,21 @@
 """Typed run configuration: dataclasses loaded from TOML, any key overridable as `section.key=value`.
 
-    cfg = load_config("configs/toy.toml", ["train.max_steps=20", "trace.reverse_kl=true"])
+    cfg = load_config("toy", ["train.max_steps=20", "trace.reverse_kl=true"])  # a shipped config, by name
+    cfg = load_config("my_run.toml")                                           # or any TOML file, by path
     save_config(cfg, "runs/x/config.toml")   # the resolved config, kept with the run
+
+The shipped configs live in the package (`trace_train/configs/*.toml`), so they travel with the wheel.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 
 ALGORITHMS = ("grpo", "trace", "opd_all")
 
@@ -62,7 +67,7 @@ class LossConfig:
     beta: float = 0.0
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean
     advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
-    kl_term_clip: float = 0.05  # per-vocabulary-term clamp of each KL (DESIGN.md); 0: off
+    kl_term_clip: float = 0.05  # per-vocabulary-term clamp of each KL (docs/contract.md); 0: off
 
 
 @dataclass
@@ -158,10 +163,31 @@ def _apply(cfg: Config, section: str, key: str, value) -> None:
     setattr(sub, key, _coerce(value, hints[key], f"{section}.{key}"))
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (`toy`, `demo`, the Qwen3 recipes)."""
+    folder = resources.files("trace_train") / "configs"
+    return sorted(f.name[: -len(".toml")] for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The file a `--config` value means: an existing file path as given, else a shipped config by name
+    (`toy` or `toy.toml`). Raises ValueError naming the shipped configs when it is neither."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path[: -len(".toml")] if name_or_path.endswith(".toml") else name_or_path
+    if os.sep not in name and "/" not in name and name in shipped_configs():
+        return str(resources.files("trace_train") / "configs" / f"{name}.toml")
+    raise ValueError(f"config {name_or_path!r} is neither a file nor a shipped config "
+                     f"(shipped: {', '.join(shipped_configs())})")
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file's [section] tables, then `section.key=value` overrides, validated."""
+    """Defaults, then the TOML file's [section] tables, then `section.key=value` overrides, validated.
+
+    path: a TOML file, or the name of a shipped config (see `resolve_config`); None: defaults only."""
     cfg = Config()
     if path:
+        path = resolve_config(path)
         with open(path, "rb") as f:
             data = tomllib.load(f)
         for section, table in data.items():

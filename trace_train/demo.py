@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 
 from . import machine
-from .config import load_config
+from .config import load_config, resolve_config
 from .plot import plot_runs, read_metrics
 
 # (run name, train.algorithm, extra overrides). "trace-noclip" is TRACE without the per-vocabulary-term KL
@@ -35,7 +35,7 @@ from .plot import plot_runs, read_metrics
 RUNS = (("grpo", "grpo", ()), ("trace", "trace", ()), ("opd_all", "opd_all", ()),
         ("trace-noclip", "trace", ("loss.kl_term_clip=0",)))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "demo.toml")
+CONFIG = resolve_config("demo")
 
 
 def _log(msg: str) -> None:
@@ -54,7 +54,7 @@ def train_run(out: str, algorithm: str, seed: int, warm: str, steps: int, nproc:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
     with open(os.path.join(os.path.dirname(out), f"{os.path.basename(out)}.log"), "w") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"training run {out} failed (exit {proc.returncode}); see {out}.log")
     return time.perf_counter() - t0
@@ -184,7 +184,7 @@ the spread over seeds, not by one run's digits.
 ## Settings
 
 - warm start (`trace_train.sft`): {json.dumps(settings['sft'])}
-- RL config: `configs/demo.toml`, with model.path = the warm start; `torchrun --nproc_per_node={settings['nproc']}`
+- RL config: `--config demo`, with model.path = the warm start; `torchrun --nproc_per_node={settings['nproc']}`
 - resolved: {json.dumps(settings['rl'])}
 """
     with open(os.path.join(out, "report.md"), "w") as f:
@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value for every RL run")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
+    a.out = os.path.abspath(a.out)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
     cfg = load_config(CONFIG, a.overrides)

@@ -1,4 +1,4 @@
-"""TRACE's schedule and per-token routing weights (DESIGN.md section 1), as pure functions.
+"""TRACE's schedule and per-token routing weights (arXiv 2605.10194; docs/training.md), as pure functions.
 
 For a batch of B responses (lengths L_b) laid out as consecutive rows of trace_loss:
 - GRPO weight of token t of response b: base_bt = 1 / sum_b L_b (token-mean) or 1 / (B L_b)

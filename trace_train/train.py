@@ -1,7 +1,7 @@
 """The training loop, top to bottom: prompts -> rollouts -> rewards -> group advantages -> spans (while
 lambda > 0) -> routing -> micro-batches (teacher + trace_loss, backward) -> optimizer -> metrics, checkpoint.
 
-    python -m trace_train --config configs/toy.toml [section.key=value ...]
+    python -m trace_train --config toy [section.key=value ...]        # a shipped config by name, or a path
     torchrun --nproc_per_node=K -m trace_train --config CONFIG.toml [section.key=value ...]
 
 Every step's problems and every rollout's sampling noise are functions of (seed, step, rollout index), so
@@ -309,7 +309,7 @@ def export_hf(policy, tok, path: str, d: Dist) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trace_train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="TOML file")
+    p.add_argument("--config", default=None, help="a TOML file, or a shipped config by name (toy, demo, ...)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     try:
