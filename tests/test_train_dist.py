@@ -22,6 +22,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+# Outcomes of training and comparisons across processes: `make test` runs these again under another CPU kernel set.
+pytestmark = pytest.mark.cpu_outcome
 
 from trace_train.config import ModelConfig  # noqa: E402
 from trace_train.model import load_policy  # noqa: E402
@@ -78,9 +80,15 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, overrides):
     w0 = _weights_initial()
     assert w1.keys() == w2.keys()
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4  # the weights did move, by more than the tolerance below
+    # Two ranks sum the gradient in another order: the gradients agree to fp32 round-off, but Adam divides each
+    # entry by its own running RMS, so an entry whose gradient cancels to the size of that round-off moves by
+    # up to lr per step in a direction the round-off picks. Measured (2026-11-26, 2-core Xeon): the largest
+    # difference 1.1e-6 in one entry of 3 steps x lr 3e-4 under ATEN_CPU_CAPABILITY=default, under 2e-7 in
+    # every other entry. The bound, 1% of the largest possible move (3 x lr), is far below what a rank's
+    # missing or doubled share of the gradient would do (differences of the order of the move itself).
+    assert moved > 1e-4  # the weights did move, by far more than the tolerance below
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=0.01 * 3 * 3e-4, msg=k)
 
 
 def _weights_initial() -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+# Outcomes of training and comparisons across processes: `make test` runs these again under another CPU kernel set.
+pytestmark = pytest.mark.cpu_outcome
 
 from trace_train.config import load_config  # noqa: E402
 from trace_train.train import run  # noqa: E402

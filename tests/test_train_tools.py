@@ -41,6 +41,7 @@ def test_every_shipped_config_loads(path):
         assert cfg.trace.teacher == "snapshot" and cfg.trace.snapshot_every == 10
 
 
+@pytest.mark.cpu_outcome
 def test_sft_then_eval_and_plot(tmp_path, capsys):
     """A few warm-start steps lower the NLL; eval writes avg@k scores of the saved folder; the plot script
     draws curves from a run's metrics."""
