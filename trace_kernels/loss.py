@@ -1,4 +1,4 @@
-"""Public entry points: `trace_loss` (DESIGN.md section 2) and its no-grad sibling `token_logprobs`."""
+"""Public entry points: `trace_loss` and its no-grad sibling `token_logprobs`."""
 
 from __future__ import annotations
 
@@ -20,11 +20,20 @@ def triton_available() -> bool:
     return True
 
 
+# Whether impl="auto" picks the Triton kernels on CUDA. They have been checked under the Triton interpreter
+# and compiled for sm_90a / sm_80 without spills (benchmarks/compile_check.py), but never run on a GPU:
+# until benchmarks/gpu_check.sh has passed on a real card (its results committed under
+# benchmarks/results/), "auto" takes the chunked torch path on CUDA too, and impl="triton" opts in.
+# The device run that passes flips this to True, in the same commit as its results.
+AUTO_USES_TRITON_ON_CUDA = False
+
+
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        use_triton = (AUTO_USES_TRITON_ON_CUDA and device.type == "cuda" and dtype != torch.float64
+                      and triton_available())
         return "triton" if use_triton else "torch"
     if impl == "triton":
         if not triton_available():
@@ -66,8 +75,9 @@ def trace_loss(
     Shapes: hidden [N, H], weight [V, H] (same dtype: fp32, bf16, fp16, or fp64), targets [N] int64,
     advantages / pg_weight / old_logprobs / ref_logprobs / entropy_weight [N]; teacher_hidden [M, H],
     teacher_weight [V, H], kl_index [M] int64 (student row of each distilled row), fkl_weight / rkl_weight [M].
-    The exact definitions are in DESIGN.md section 2. The loss is differentiable w.r.t. hidden and weight
-    only; the teacher is constant. impl: "auto" (Triton on CUDA, else torch), "triton", "torch" (chunked
+    The exact definitions are in reference.py. The loss is differentiable w.r.t. hidden and weight
+    only; the teacher is constant. impl: "auto" (torch; Triton on CUDA once verified on a GPU: see
+    AUTO_USES_TRITON_ON_CUDA), "triton", "torch" (chunked
     PyTorch, never N x V), "reference" (materialized, for tests). Bad arguments raise ValueError first.
     """
     if impl not in IMPLS:
