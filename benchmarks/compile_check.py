@@ -4,14 +4,16 @@
 
 Each kernel is compiled in every specialization its launcher (rows_triton.chunk_rows) can produce: the
 constexpr flags it can pass, the dz dtypes, and the (BLOCK_V, num_warps) pairs that
-rows_triton.block_and_warps gives for vocabularies from 1 to 262,144 (151,936 included), with pointers
-and strides 16-byte aligned as they are for such vocabularies. `triton.compile` goes to a cubin through
-Triton's own ptxas call; its `ptxas -v` log (TRITON_DUMP_PTXAS_LOG) gives the registers and spill bytes
-of exactly that cubin, and the compiled metadata gives the shared memory. Output: compile_check.csv and
-compile_check.md in --out; the exit status is 1 on a compile error or a spill. --subset compiles BLOCK_V
-4096 / 8 warps only (the launch of every vocabulary of 4,096 and more): what tests/test_compile_check.py
-runs. Shared memory is Triton's own allocation (metadata.shared), without the 1 KB per block the
-driver reserves on sm_90.
+rows_triton.block_and_warps gives for vocabularies from 1 to 262,144 (151,936 included), each twice:
+with every pointer and integer argument known to be a multiple of 16 (Triton's launch-time
+specialization for 16-byte aligned tensors and a vocabulary such as 151,936) and with none known so (a
+vocabulary such as 50,257, a tensor sliced at an odd row: more registers, no vectorized loads).
+`triton.compile` goes to a cubin through Triton's own ptxas call; its `ptxas -v` log
+(TRITON_DUMP_PTXAS_LOG) gives the registers and spill bytes of exactly that cubin, and the compiled
+metadata gives the shared memory (Triton's own allocation, without the 1 KB per block the driver
+reserves on sm_90). Output: compile_check.csv and compile_check.md in --out; the exit status is 1 on a
+compile error or a spill. --subset compiles BLOCK_V 4096 / 8 warps only (the launch of every vocabulary
+of 4,096 and more), unaligned (the register-heavier case): what tests/test_compile_check.py runs.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
 """
@@ -53,19 +55,19 @@ def kl_flag_sets():
 
 
 def specializations(subset: bool = False):
-    """(kernel name, constexpr flags, dz dtype or "", BLOCK_V, num_warps) for every launch the launcher
-    can make."""
+    """(kernel name, constexpr flags, dz dtype or "", BLOCK_V, num_warps, aligned) for every launch the
+    launcher can make."""
     from trace_kernels.rows_triton import block_and_warps
 
     blocks = sorted({block_and_warps(v) for v in VOCABS})
     if subset:
         blocks = [b for b in blocks if b[0] in SUBSET_BLOCKS]
-    for block, warps in blocks:
-        yield "_student_stats_kernel", {}, "", block, warps
+    for (block, warps), aligned in itertools.product(blocks, (False,) if subset else (True, False)):
+        yield "_student_stats_kernel", {}, "", block, warps, aligned
         for flags in kl_flag_sets():
-            yield "_kl_rows_kernel", flags, "", block, warps
+            yield "_kl_rows_kernel", flags, "", block, warps, aligned
         for ew, kl, dz in itertools.product((False, True), (False, True), DZ_DTYPES):
-            yield "_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl}, dz, block, warps
+            yield "_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl}, dz, block, warps, aligned
 
 
 def _parse_arch(arch: str) -> int:
@@ -75,7 +77,7 @@ def _parse_arch(arch: str) -> int:
     return int(m.group(1))
 
 
-def compile_one(kernel: str, flags: dict, dz: str, block: int, warps: int, arch: str) -> dict:
+def compile_one(kernel: str, flags: dict, dz: str, block: int, warps: int, aligned: bool, arch: str) -> dict:
     """Compile one specialization; returns a table row (errors are reported in the row, not raised)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -93,11 +95,10 @@ def compile_one(kernel: str, flags: dict, dz: str, block: int, warps: int, arch:
             signature[name] = f"*{dz}"
         else:
             signature[name] = _TYPES.get(name, "*fp32")
-    # 16-byte alignment of every pointer and integer (vocabularies that are multiples of 16).
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if signature[name] != "constexpr" and not signature[name].startswith("fp")}
+             if aligned and signature[name] != "constexpr" and not signature[name].startswith("fp")}
     row = {"kernel": kernel.strip("_"), "flags": " ".join(f"{k}={int(v)}" for k, v in flags.items()) or "-",
-           "dz_dtype": dz or "-", "block_v": block, "warps": warps, "arch": arch}
+           "dz_dtype": dz or "-", "block_v": block, "warps": warps, "aligned": int(aligned), "arch": arch}
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     t0 = time.perf_counter()
@@ -133,8 +134,8 @@ def _init_worker(cache_dir: str):
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # the runtime leaves it unset too
 
 
-COLUMNS = ["kernel", "flags", "dz_dtype", "block_v", "warps", "arch", "registers", "spill_bytes", "shared_bytes",
-           "compile_s", "status"]
+COLUMNS = ["kernel", "flags", "dz_dtype", "block_v", "warps", "aligned", "arch", "registers", "spill_bytes",
+           "shared_bytes", "compile_s", "status"]
 
 
 def write_tables(rows: list[dict], out: str, header: str) -> str:
@@ -152,7 +153,7 @@ def write_tables(rows: list[dict], out: str, header: str) -> str:
             top = max(sel, key=lambda r: r["registers"])
             lines.append(f"- {arch}: {len(sel)} compiled, {n_bad} failed or spilling; registers max "
                          f"{top['registers']} ({top['kernel']} {top['flags']} dz {top['dz_dtype']} BLOCK_V "
-                         f"{top['block_v']} / {top['warps']} warps), spill bytes max "
+                         f"{top['block_v']} / {top['warps']} warps, aligned {top['aligned']}), spill bytes max "
                          f"{max(r['spill_bytes'] for r in sel)}, shared memory max "
                          f"{max(r['shared_bytes'] for r in sel)} B, compile time total "
                          f"{sum(r['compile_s'] for r in sel):.0f} s")
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90a,sm_80", help="comma-separated, e.g. sm_90a,sm_80")
     ap.add_argument("--out", default=os.path.join("benchmarks", "out", "compile_check"))
-    ap.add_argument("--subset", action="store_true", help="BLOCK_V 4096 only (what the test runs)")
+    ap.add_argument("--subset", action="store_true", help="BLOCK_V 4096 unaligned only (what the test runs)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
