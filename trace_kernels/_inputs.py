@@ -1,7 +1,7 @@
 """Validation of `trace_loss` arguments and their normalised form.
 
 Every check runs before any kernel, so a bad call fails with a ValueError that names the argument
-instead of an out-of-bounds read or a silently wrong loss (DESIGN.md section 2).
+instead of an out-of-bounds read or a silently wrong loss.
 """
 
 from __future__ import annotations

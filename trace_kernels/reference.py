@@ -1,6 +1,6 @@
 """The materialized reference of `trace_loss`: every [N, V] and [M, V] tensor held at once, gradients by autograd.
 
-Written straight from the formulas of DESIGN.md section 2 and independent of the chunked paths (which
+Written straight from the formulas of the loss contract and independent of the chunked paths (which
 use closed-form gradients), so that comparing the two tests both. For tests and small problems only.
 """
 

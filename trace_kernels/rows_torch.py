@@ -7,7 +7,7 @@ softmax(u), s = local student row of each distilled row, d = log p_s - log q:
     logp_c = log p_c[y_c]                   entropy_c = -sum_v p log p
     FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip)
 
-and, when asked, dloss/dz (DESIGN.md section 2):
+and, when asked, dloss/dz:
 
     dz_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
          + sum_{k: s_k = c} fw_k (p_c - q_k) + rw_k p_c (d_k - RKL_k)      (unclipped)
@@ -16,7 +16,9 @@ With a clip c, only the unclamped terms U count:
     forward:  -q [v in U] + p sum_{w in U} q_w
     reverse:  [v in U] p (d + 1) - p sum_{w in U} p_w (d_w + 1)
 
-Every [rows, V] tensor is a Workspace buffer reused across chunks.
+The dz returned is this times 1/temperature (the gradient with respect to the unscaled logits h W^T),
+applied by scaling the [C] and [K] row weights rather than a [C, V] tensor. Every [rows, V] tensor is a
+Workspace buffer reused across chunks.
 """
 
 from __future__ import annotations
