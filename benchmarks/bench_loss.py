@@ -204,6 +204,7 @@ def main(argv=None) -> int:
                             model = predict(case, n, args.h, v, m, args.dtype, card)  # benchmarks/traffic.py
                             if model:
                                 row["model_s"] = model["predicted_s"]
+                                row["model_memory_bound_mb"] = model["memory_bound_mb"]
                     rows.append(row)
 
     for r in rows:

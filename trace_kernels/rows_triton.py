@@ -209,7 +209,8 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
     if not chunk.need_grad:
         return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, None)
     dz_CV = z_CV if chunk.dz_dtype == z_CV.dtype else ws.get("dz", c, dtype=chunk.dz_dtype)
-    # u holds the distilled rows' dz only when the KL kernel wrote it; row c's are u rows [start_c, start_c+1)
+    # u holds the distilled rows' dz only when the KL kernel wrote it; student row c's distilled rows are
+    # u rows kl_start[c] to kl_start[c + 1] - 1 (local_K is sorted)
     kl_start = (torch.searchsorted(local_K, torch.arange(c + 1, device=device, dtype=local_K.dtype))
                 if kl_grad else logp_C)
     ew_C = chunk.entropy_weight_C
