@@ -32,6 +32,7 @@ import torch
 
 from benchmarks.impls import ALL_CASES, IMPLS, make_problem
 from benchmarks.rss import reset_peak, status_kb
+from benchmarks.traffic import predict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -200,6 +201,10 @@ def main(argv=None) -> int:
                         if args.device == "cuda":
                             row["tflops"] = floor_flops / res["median_s"] / 1e12
                             row["floor_s"] = floor_flops / (rate * 1e12)
+                            model = predict(case, n, args.h, v, m, args.dtype, card)  # benchmarks/traffic.py
+                            if model:
+                                row["model_s"] = model["predicted_s"]
+                                row["model_memory_bound_mb"] = model["memory_bound_mb"]
                     rows.append(row)
 
     for r in rows:
@@ -230,6 +235,7 @@ def write_outputs(rows, out, card, rate, stamp, args):
                          f"{r.get('agreement_err', float('nan')):.1e} | {r['status']} |")
             continue
         tf = f"{r['tflops']:.0f} ({r['floor_s'] * 1e3:.1f} ms)" if "tflops" in r else "-"
+        tf += f", model {r['model_s'] * 1e3:.1f} ms" if "model_s" in r else ""
         lines.append(
             f"| {r['case']} | {r['impl']} | {r['n']} | {r['v']} | {r['median_s']:.3f} ({r['min_s']:.3f}-"
             f"{r['max_s']:.3f}) | {r['peak_extra_mb']:.0f} | {r.get('time_vs_naive', float('nan')):.3f} | "

@@ -57,7 +57,8 @@ def test_cuda_grad_weight_accumulates_in_fp32(impl):
     assert rel_err(gw, rgw) < 2 * torch.finfo(torch.bfloat16).eps
 
 
-def test_auto_uses_triton_on_cuda():
-    from trace_kernels.loss import _resolve_impl
+def test_auto_follows_the_verified_flag():
+    from trace_kernels import loss
 
-    assert _resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+    expected = "triton" if loss.AUTO_USES_TRITON_ON_CUDA else "torch"
+    assert loss._resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == expected

@@ -12,8 +12,9 @@ import functools
 
 import torch
 
-# The weight-gradient GEMM on the fp32-output path writes its product to a temporary before adding it to
-# the fp32 accumulator; vocabulary blocks keep that temporary under this many bytes.
+# Where cuBLAS cannot add a bf16 product into an fp32 matrix in place (torch without addmm's out_dtype),
+# the weight-gradient GEMM writes its product to a temporary first; vocabulary blocks keep that
+# temporary under this many bytes.
 _GRAD_WEIGHT_TEMP_BYTES = 256 * 2**20
 
 
@@ -25,6 +26,19 @@ def _cuda_fp32_output_gemm(device_index: int) -> bool:
         torch.mm(a, a, out_dtype=torch.float32, out=out)
         return float(out[0, 0]) == 2.0 and float(torch.mm(a, a, out_dtype=torch.float32)[1, 1]) == 2.0
     except (TypeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def _cuda_fp32_output_addmm(device_index: int) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` accumulates a bf16 product into
+    an fp32 matrix in place on this device (cuBLAS with beta = 1): d weight then needs no temporary."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=f"cuda:{device_index}")
+        acc = torch.full((2, 2), 0.5, dtype=torch.float32, device=a.device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return acc.dtype == torch.float32 and bool((acc == 2.5).all())
+    except (TypeError, RuntimeError, NotImplementedError):
         return False
 
 
@@ -68,6 +82,12 @@ class LMHead:
     def vocab(self) -> int:
         return self.weight_VH.shape[0]
 
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        """The dtype dz must have to enter the d hidden / d weight GEMMs: the weight's on the fp32-output
+        path (bf16 x bf16 with fp32 accumulation), else acc."""
+        return self.weight_VH.dtype if self.fp32_output else self.acc
+
     def logits(self, h_CH: torch.Tensor, out_CV: torch.Tensor) -> torch.Tensor:
         """[C, H] -> out_CV [C, V] in acc (a reused buffer: see Workspace)."""
         if self.native:
@@ -77,21 +97,22 @@ class LMHead:
         return torch.mm(h_CH.to(self.acc), self._upcast().T, out=out_CV)
 
     def grad_input(self, dz_CV: torch.Tensor) -> torch.Tensor:
-        """[C, V] acc -> [C, H] in the weight dtype (each row is written once, so one rounding)."""
-        if self.native:
+        """dz_CV [C, V] in gemm_dtype -> [C, H] in the weight dtype (each row is written once, so one
+        rounding)."""
+        if self.native or self.fp32_output:
             return dz_CV @ self.weight_VH
-        if self.fp32_output:
-            return dz_CV.to(self.weight_VH.dtype) @ self.weight_VH
         return (dz_CV @ self._upcast()).to(self.weight_VH.dtype)
 
     def accumulate_grad_weight(self, grad_VH: torch.Tensor, dz_CV: torch.Tensor, h_CH: torch.Tensor) -> None:
-        """grad_VH (acc) += dz_CV.T @ h_CH, summed in acc across chunks."""
+        """grad_VH (acc) += dz_CV.T @ h_CH (dz_CV in gemm_dtype), summed in acc across chunks."""
         if self.native:
             grad_VH.addmm_(dz_CV.T, h_CH)
         elif self.fp32_output:
-            dz_low = dz_CV.to(self.weight_VH.dtype)
+            if _cuda_fp32_output_addmm(self.weight_VH.device.index or 0):
+                torch.addmm(grad_VH, dz_CV.T, h_CH, out_dtype=torch.float32, out=grad_VH)
+                return
             step = max(1, _GRAD_WEIGHT_TEMP_BYTES // (4 * h_CH.shape[1]))
             for v0 in range(0, self.vocab, step):
-                grad_VH[v0:v0 + step] += torch.mm(dz_low[:, v0:v0 + step].T, h_CH, out_dtype=torch.float32)
+                grad_VH[v0:v0 + step] += torch.mm(dz_CV[:, v0:v0 + step].T, h_CH, out_dtype=torch.float32)
         else:
             grad_VH.addmm_(dz_CV.T, h_CH.to(self.acc))

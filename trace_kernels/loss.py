@@ -20,11 +20,20 @@ def triton_available() -> bool:
     return True
 
 
+# Whether impl="auto" picks the Triton kernels on CUDA. They have been checked under the Triton interpreter
+# and compiled for sm_90a / sm_80 without spills (benchmarks/compile_check.py), but never run on a GPU:
+# until benchmarks/gpu_check.sh has passed on a real card (its results committed under
+# benchmarks/results/), "auto" takes the chunked torch path on CUDA too, and impl="triton" opts in.
+# The device run that passes flips this to True, in the same commit as its results.
+AUTO_USES_TRITON_ON_CUDA = False
+
+
 def _resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        use_triton = (AUTO_USES_TRITON_ON_CUDA and device.type == "cuda" and dtype != torch.float64
+                      and triton_available())
         return "triton" if use_triton else "torch"
     if impl == "triton":
         if not triton_available():
@@ -99,8 +108,9 @@ def trace_loss(
             gradient); None: no clamp.
         entropy_weight: [N] float weight of each row's entropy (negative: a bonus). None: no entropy term.
         ignore_index: the target value that marks an ignored row.
-        impl: "auto" (Triton for CUDA tensors when triton imports and the dtype is not fp64, else torch),
-            "triton", "torch" (chunked PyTorch, the CPU path), "reference" (materialized, tests only).
+        impl: "auto" (the torch path; on CUDA, Triton once its kernels have passed the GPU check: see
+            AUTO_USES_TRITON_ON_CUDA), "triton", "torch" (chunked PyTorch, the CPU path), "reference"
+            (materialized, tests only).
 
     Returns:
         TraceLossOutput(loss, logprobs, entropy, fkl, rkl): loss a scalar differentiable w.r.t. hidden and
@@ -116,7 +126,9 @@ def trace_loss(
             TRITON_INTERPRET=1, fp64).
 
     Memory: at most the chunk budget (256 MB default; TRACE_KERNELS_CHUNK_MB or `chunk_budget`) of
-    [rows, V] buffers plus an fp32 [V, H] weight-gradient accumulator when weight requires grad.
+    [rows, V] buffers, plus, when weight requires grad, an fp32 [V, H] weight-gradient accumulator during
+    the forward, cast to the weight's dtype at its end: one weight-sized buffer is held until backward
+    (docs/memory.md).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -16,15 +16,16 @@ With a clip c, only the unclamped terms U count:
     forward:  -q [v in U] + p sum_{w in U} q_w
     reverse:  [v in U] p (d + 1) - p sum_{w in U} p_w (d_w + 1)
 
-Every [rows, V] tensor is a Workspace buffer reused across chunks.
+The dz returned is this times 1/temperature (the gradient with respect to the unscaled logits h W^T),
+applied by scaling the [C] and [K] row weights rather than a [C, V] tensor. Every [rows, V] tensor is a
+Workspace buffer reused across chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from ._chunk import ChunkInputs, ChunkOutputs, PgCallback
 from ._gemm import Workspace
 
 # [V] buffers per student row and per distilled row (fp32 ones, and bool masks counted as a quarter);
@@ -93,26 +94,17 @@ def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip
     return fkl_K, rkl_K, dz_KV
 
 
-def chunk_rows(
-    ws: Workspace,
-    z_CV: torch.Tensor,
-    inv_t: float,
-    targets_C: torch.Tensor,
-    u_KV: torch.Tensor | None,
-    local_K: torch.Tensor | None,
-    fkl_w_K: torch.Tensor | None,
-    rkl_w_K: torch.Tensor | None,
-    kl_term_clip: float | None,
-    entropy_weight_C: torch.Tensor | None,
-    coefficients: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    need_grad: bool,
-):
-    """Return (logp_C, entropy_C, fkl_K, rkl_K, dz_CV): dz w.r.t. the scaled logits z * inv_t.
-    z_CV and u_KV are the unscaled logits (inv_t = 1 / temperature), consumed (overwritten).
+def row_buffers(dz_bytes_ratio: float) -> tuple[float, float]:
+    """[V] accumulation-dtype buffers per student row and per distilled row, for the chunk planner;
+    dz_bytes_ratio is the size of a dz element over an accumulation element (0 without gradient, 1 when
+    dz stays in the accumulation dtype: it is then written over p)."""
+    return STUDENT_ROW_BUFFERS + (dz_bytes_ratio if dz_bytes_ratio < 1 else 0.0), TEACHER_ROW_BUFFERS
 
-    targets_C holds a valid index on every row (ignored rows are mapped to 0 by the caller);
-    coefficients(logp_C, entropy_C) -> g_C, the PG coefficient (0 on ignored rows). dz_CV is None unless
-    need_grad."""
+
+def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutputs:
+    """Row statistics of one chunk and, with chunk.need_grad, dz (see ChunkOutputs). z_CV and u_KV are
+    consumed (overwritten)."""
+    z_CV, u_KV, inv_t = chunk.z_CV, chunk.u_KV, chunk.inv_t
     if inv_t != 1.0:
         z_CV.mul_(inv_t)
         if u_KV is not None:
@@ -120,23 +112,32 @@ def chunk_rows(
     p_CV = ws.get("p", z_CV.shape[0])
     _softmax_stats(z_CV, p_CV)
     logp_CV = z_CV
-    logp_C = logp_CV.gather(1, targets_C[:, None]).squeeze(1)
+    logp_C = logp_CV.gather(1, chunk.targets_C[:, None]).squeeze(1)
     entropy_C = -_rowdot(p_CV, logp_CV)
+
+    # dz with respect to the unscaled logits is inv_t times dz with respect to the scaled ones, and dz is
+    # linear in the row weights g, ew, fw, rw: scaling those [C] / [K] vectors applies the temperature.
+    def scaled(w):
+        return w if w is None or inv_t == 1.0 else w * inv_t
 
     fkl_K = rkl_K = dz_KV = None
     if u_KV is not None:
-        fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, kl_term_clip, need_grad)
+        fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, u_KV, chunk.local_K, scaled(chunk.fkl_weight_K),
+                                       scaled(chunk.rkl_weight_K), chunk.kl_term_clip, chunk.need_grad)
 
-    g_C = coefficients(logp_C, entropy_C)
-    if not need_grad:
-        return logp_C, entropy_C, fkl_K, rkl_K, None
+    loss_C, g_C = pg(logp_C, entropy_C)
+    if not chunk.need_grad:
+        return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, None)
+    g_C = scaled(g_C)
     # dz = p * (-(g + ew H) - ew log p) + g onehot(y), built in the p buffer.
-    if entropy_weight_C is None:
+    if chunk.entropy_weight_C is None:
         dz_CV = p_CV.mul_(-g_C[:, None])
     else:
-        ew = entropy_weight_C[:, None]
+        ew = scaled(chunk.entropy_weight_C)[:, None]
         dz_CV = p_CV.mul_(logp_CV.mul_(-ew).sub_(g_C[:, None] + ew * entropy_C[:, None]))
-    dz_CV.scatter_add_(1, targets_C[:, None], g_C[:, None])
+    dz_CV.scatter_add_(1, chunk.targets_C[:, None], g_C[:, None])
     if dz_KV is not None:
-        dz_CV.index_add_(0, local_K, dz_KV)
-    return logp_C, entropy_C, fkl_K, rkl_K, dz_CV
+        dz_CV.index_add_(0, chunk.local_K, dz_KV)
+    if chunk.dz_dtype != dz_CV.dtype:
+        dz_CV = ws.get("dz", dz_CV.shape[0], dtype=chunk.dz_dtype).copy_(dz_CV)
+    return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, dz_CV)

@@ -13,23 +13,53 @@ KL rows (teacher u of distilled row k, student row s = local_k with its max and 
     sweep 1: lse_u (online);  sweep 2: FKL = sum clamp(-q d), RKL = sum clamp(p d), d = logp - logq, and the
     sums over unclamped terms Sf = sum_U q, Sr = sum_U p (d + 1);  sweep 3 (gradient), written over u:
     unclipped: fw (p - q) + rw p (d - RKL);   clipped: fw (p Sf - q [U]) + rw ([U] p (d + 1) - p Sr).
-Student gradient, written over z:  dz = p (-(g + ew H) - ew logp) + g [v = y].
-The distilled rows' dz are then added to their student rows (index_add_, duplicates allowed).
+Student gradient:  dz = p (-(g + ew H) - ew logp) + g [v = y] + the dz of the row's distilled rows (read
+from u), times 1/temperature (dz with respect to the unscaled logits h W^T), summed in fp32 and rounded
+once to the GEMM input dtype as it is stored (over z when that is fp32, else into a separate buffer).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
+from ._chunk import ChunkInputs, ChunkOutputs, PgCallback
 from ._gemm import Workspace
 
-STUDENT_ROW_BUFFERS = 1  # the logits buffer only: dz is written over it
+STUDENT_ROW_BUFFERS = 1  # the logits buffer only: an fp32 dz is written over it
 TEACHER_ROW_BUFFERS = 1  # likewise for the teacher logits
 MAX_BLOCK_V = 4096
+
+
+def row_buffers(dz_bytes_ratio: float) -> tuple[float, float]:
+    """[V] accumulation-dtype buffers per student row and per distilled row, for the chunk planner. A dz
+    narrower than the logits (bf16 for fp32 logits: dz_bytes_ratio 0.5) gets its own buffer: writing it
+    over the row it is computed from would race between warps."""
+    return STUDENT_ROW_BUFFERS + (dz_bytes_ratio if dz_bytes_ratio < 1 else 0.0), TEACHER_ROW_BUFFERS
+
+
+@triton.jit
+def _online_softmax_sweep(row_ptr, V, inv_t, BLOCK_V: tl.constexpr, WITH_T: tl.constexpr):
+    """One sweep over a row of logits x = row * inv_t: (m, s, t) with m = max x, s = sum exp(x - m) and,
+    if WITH_T, t = sum exp(x - m) (x - m) (else 0). Each block rescales the running sums by exp(m - m')
+    when the max grows; t also picks up (m - m') s. The max starts at -inf, never 0."""
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(x, 0))
+        scale = tl.exp(m - m_new)
+        e = tl.where(mask, tl.exp(x - m_new), 0.0)
+        if WITH_T:
+            shift = tl.where(s > 0, m - m_new, 0.0)  # m - m_new is -inf before the first block, where s = 0
+            t = scale * (t + shift * s) + tl.sum(e * tl.where(mask, x - m_new, 0.0), 0)
+        s = s * scale + tl.sum(e, 0)
+        m = m_new
+    return m, s, t
 
 
 @triton.jit
@@ -37,20 +67,7 @@ def _student_stats_kernel(z_ptr, stride_z, targets_ptr, inv_t, max_ptr, logs_ptr
                           BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    t = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
-        scale = tl.exp(m - m_new)
-        e = tl.where(mask, tl.exp(z - m_new), 0.0)
-        shift = tl.where(s > 0, m - m_new, 0.0)  # m - m_new is -inf before the first block, where s = 0
-        t = scale * (t + shift * s) + tl.sum(e * tl.where(mask, z - m_new, 0.0), 0)
-        s = s * scale + tl.sum(e, 0)
-        m = m_new
+    m, s, t = _online_softmax_sweep(z_row, V, inv_t, BLOCK_V, True)
     log_s = tl.log(s)
     y = tl.load(targets_ptr + row)
     z_y = tl.load(z_row + y).to(tl.float32) * inv_t
@@ -71,17 +88,8 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
     m_s = tl.load(max_ptr + srow)
     logs_s = tl.load(logs_ptr + srow)
     # sweep 1: teacher log-normaliser
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(u, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(u - m_new), 0.0), 0)
-        m = m_new
-    m_u = m
-    logs_u = tl.log(s)
+    m_u, s_u, _ = _online_softmax_sweep(u_row, V, inv_t, BLOCK_V, False)
+    logs_u = tl.log(s_u)
     # sweep 2: both KLs and the sums over unclamped terms
     fkl = tl.zeros((), tl.float32)
     rkl = tl.zeros((), tl.float32)
@@ -110,8 +118,9 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
     tl.store(fkl_ptr + k, fkl)
     tl.store(rkl_ptr + k, rkl)
     if NEED_GRAD:
-        fw = tl.load(fw_ptr + k).to(tl.float32) if HAS_FW else 0.0
-        rw = tl.load(rw_ptr + k).to(tl.float32) if HAS_RW else 0.0
+        # inv_t in the weights: dz with respect to the unscaled logits (see _student_grad_kernel)
+        fw = tl.load(fw_ptr + k).to(tl.float32) * inv_t if HAS_FW else 0.0
+        rw = tl.load(rw_ptr + k).to(tl.float32) * inv_t if HAS_RW else 0.0
         # sweep 3: dz of the distilled row, over u (each program reads its u block before writing it)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
@@ -133,74 +142,80 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
 
 
 @triton.jit
-def _student_grad_kernel(z_ptr, stride_z, targets_ptr, max_ptr, logs_ptr, ent_ptr, g_ptr, ew_ptr, inv_t, V,
-                         HAS_EW: tl.constexpr, BLOCK_V: tl.constexpr):
+def _student_grad_kernel(z_ptr, stride_z, dz_ptr, stride_dz, targets_ptr, max_ptr, logs_ptr, ent_ptr, g_ptr, ew_ptr,
+                         u_ptr, stride_u, kl_start_ptr, inv_t, V, HAS_EW: tl.constexpr, HAS_KL: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
+    dz_row = dz_ptr + row * stride_dz
     m = tl.load(max_ptr + row)
     log_s = tl.load(logs_ptr + row)
-    g = tl.load(g_ptr + row).to(tl.float32)
+    # inv_t folded into the row weights: dz with respect to h W^T, so the temperature is applied before
+    # the one rounding to the GEMM dtype and no GEMM output needs scaling afterwards.
+    g = tl.load(g_ptr + row).to(tl.float32) * inv_t
     y = tl.load(targets_ptr + row)
     if HAS_EW:
-        ew = tl.load(ew_ptr + row).to(tl.float32)
+        ew = tl.load(ew_ptr + row).to(tl.float32) * inv_t
         a = -(g + ew * tl.load(ent_ptr + row))
     else:
         ew = 0.0
         a = -g
+    if HAS_KL:  # this row's distilled rows are u rows [k0, k1): local_K is sorted
+        k0 = tl.load(kl_start_ptr + row)
+        k1 = tl.load(kl_start_ptr + row + 1)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
         logp = (tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m) - log_s
         dz = tl.exp(logp) * (a - ew * logp) + tl.where(offs == y, g, 0.0)
-        tl.store(z_row + offs, dz, mask=mask)
+        if HAS_KL:
+            for k in range(k0, k1):
+                dz += tl.load(u_ptr + k * stride_u + offs, mask=mask, other=0.0)
+        tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+def block_and_warps(vocab: int) -> tuple[int, int]:
+    """The BLOCK_V and num_warps every kernel of a chunk is launched with."""
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+    return block, (8 if block >= 2048 else 4)
 
 
-def chunk_rows(
-    ws: Workspace,
-    z_CV: torch.Tensor,
-    inv_t: float,
-    targets_C: torch.Tensor,
-    u_KV: torch.Tensor | None,
-    local_K: torch.Tensor | None,
-    fkl_w_K: torch.Tensor | None,
-    rkl_w_K: torch.Tensor | None,
-    kl_term_clip: float | None,
-    entropy_weight_C: torch.Tensor | None,
-    coefficients: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    need_grad: bool,
-):
-    """Return (logp_C, entropy_C, fkl_K, rkl_K, dz_CV); see rows_torch.chunk_rows. z_CV, u_KV: unscaled
-    fp32 logits, consumed (dz is written over them)."""
+def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutputs:
+    """Row statistics of one chunk and, with chunk.need_grad, dz (see ChunkOutputs and rows_torch.chunk_rows).
+    z_CV and u_KV (fp32 logits) are consumed: dz is written over them (or, narrower, into ws["dz"])."""
+    z_CV, u_KV, local_K = chunk.z_CV, chunk.u_KV, chunk.local_K
     c, v = z_CV.shape
-    block = _block(v)
-    warps = 8 if block >= 2048 else 4
-    max_C, logs_C, logp_C, ent_C = (torch.empty(c, dtype=torch.float32, device=z_CV.device) for _ in range(4))
-    targets_C = targets_C.contiguous()
-    _student_stats_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, inv_t, max_C, logs_C, logp_C, ent_C, v,
+    device = z_CV.device
+    block, warps = block_and_warps(v)
+    max_C, logs_C, logp_C, ent_C = (torch.empty(c, dtype=torch.float32, device=device) for _ in range(4))
+    targets_C = chunk.targets_C.contiguous()
+    _student_stats_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, chunk.inv_t, max_C, logs_C, logp_C, ent_C, v,
                                 BLOCK_V=block, num_warps=warps)
     fkl_K = rkl_K = None
-    kl_grad = need_grad and u_KV is not None and (fkl_w_K is not None or rkl_w_K is not None)
+    fw_K, rw_K = chunk.fkl_weight_K, chunk.rkl_weight_K
+    kl_grad = chunk.need_grad and u_KV is not None and (fw_K is not None or rw_K is not None)
     if u_KV is not None:
         k = u_KV.shape[0]
-        fkl_K = torch.empty(k, dtype=torch.float32, device=z_CV.device)
-        rkl_K = torch.empty(k, dtype=torch.float32, device=z_CV.device)
+        fkl_K = torch.empty(k, dtype=torch.float32, device=device)
+        rkl_K = torch.empty(k, dtype=torch.float32, device=device)
         dummy = fkl_K
         _kl_rows_kernel[(k,)](
             z_CV, z_CV.stride(0), u_KV, u_KV.stride(0), local_K.contiguous(), max_C, logs_C,
-            dummy if fkl_w_K is None else fkl_w_K.contiguous(), dummy if rkl_w_K is None else rkl_w_K.contiguous(),
-            inv_t, 0.0 if kl_term_clip is None else kl_term_clip, fkl_K, rkl_K, v,
-            HAS_FW=fkl_w_K is not None, HAS_RW=rkl_w_K is not None, CLIP=kl_term_clip is not None,
+            dummy if fw_K is None else fw_K.contiguous(), dummy if rw_K is None else rw_K.contiguous(),
+            chunk.inv_t, 0.0 if chunk.kl_term_clip is None else chunk.kl_term_clip, fkl_K, rkl_K, v,
+            HAS_FW=fw_K is not None, HAS_RW=rw_K is not None, CLIP=chunk.kl_term_clip is not None,
             NEED_GRAD=kl_grad, BLOCK_V=block, num_warps=warps)
-    g_C = coefficients(logp_C, ent_C)
-    if not need_grad:
-        return logp_C, ent_C, fkl_K, rkl_K, None
-    _student_grad_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, max_C, logs_C, ent_C, g_C.contiguous(),
-                               g_C if entropy_weight_C is None else entropy_weight_C.contiguous(), inv_t, v,
-                               HAS_EW=entropy_weight_C is not None, BLOCK_V=block, num_warps=warps)
-    if kl_grad:  # u holds the distilled rows' dz only when the KL kernel wrote it
-        z_CV.index_add_(0, local_K, u_KV)
-    return logp_C, ent_C, fkl_K, rkl_K, z_CV
+    loss_C, g_C = pg(logp_C, ent_C)
+    if not chunk.need_grad:
+        return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, None)
+    dz_CV = z_CV if chunk.dz_dtype == z_CV.dtype else ws.get("dz", c, dtype=chunk.dz_dtype)
+    # u holds the distilled rows' dz only when the KL kernel wrote it; student row c's distilled rows are
+    # u rows kl_start[c] to kl_start[c + 1] - 1 (local_K is sorted)
+    kl_start = (torch.searchsorted(local_K, torch.arange(c + 1, device=device, dtype=local_K.dtype))
+                if kl_grad else logp_C)
+    ew_C = chunk.entropy_weight_C
+    _student_grad_kernel[(c,)](z_CV, z_CV.stride(0), dz_CV, dz_CV.stride(0), targets_C, max_C, logs_C, ent_C,
+                               g_C.contiguous(), g_C if ew_C is None else ew_C.contiguous(),
+                               u_KV if kl_grad else z_CV, u_KV.stride(0) if kl_grad else 0, kl_start, chunk.inv_t, v,
+                               HAS_EW=ew_C is not None, HAS_KL=kl_grad, BLOCK_V=block, num_warps=warps)
+    return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, dz_CV)

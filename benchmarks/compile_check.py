@@ -1,0 +1,204 @@
+"""Compile every Triton kernel of trace_kernels/rows_triton.py for NVIDIA GPUs, without a GPU.
+
+    python -m benchmarks.compile_check [--arch sm_90a,sm_80] [--out DIR] [--subset] [--jobs J]
+
+Each kernel is compiled in every specialization its launcher (rows_triton.chunk_rows) can produce: the
+constexpr flags it can pass, the dz dtypes, and the (BLOCK_V, num_warps) pairs that
+rows_triton.block_and_warps gives for vocabularies from 1 to 262,144 (151,936 included), each twice:
+with every pointer and integer argument known to be a multiple of 16 (Triton's launch-time
+specialization for 16-byte aligned tensors and a vocabulary such as 151,936) and with none known so (a
+vocabulary such as 50,257, a tensor sliced at an odd row: more registers, no vectorized loads).
+`triton.compile` goes to a cubin through Triton's own ptxas call; its `ptxas -v` log
+(TRITON_DUMP_PTXAS_LOG) gives the registers and spill bytes of exactly that cubin, and the compiled
+metadata gives the shared memory (Triton's own allocation, without the 1 KB per block the driver
+reserves on sm_90). Output: compile_check.csv and compile_check.md in --out; the exit status is 1 on a
+compile error or a spill. --subset compiles BLOCK_V 4096 / 8 warps only (the launch of every vocabulary
+of 4,096 and more), unaligned (the register-heavier case): what tests/test_compile_check.py runs.
+
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+# Vocabularies whose launch parameters are compiled: every power of two up to 2^18 covers every BLOCK_V
+# the launcher can choose; Qwen3's 151,936 and 262,144 are the large ones that matter.
+VOCABS = [2**i for i in range(19)] + [151_936]
+SUBSET_BLOCKS = {4096}  # the block of every vocabulary of 4,096 and more
+DZ_DTYPES = ("fp32", "bf16", "fp16")  # the GEMM input dtypes dz can be written in
+
+# Argument types as the launcher passes them (ints as i32: strides and V are below 2^31).
+_TYPES = {
+    "stride_z": "i32", "stride_u": "i32", "stride_dz": "i32", "V": "i32",
+    "targets_ptr": "*i64", "local_ptr": "*i64", "kl_start_ptr": "*i64",
+    "inv_t": "fp32", "clip": "fp32",
+}
+
+
+def kl_flag_sets():
+    """The (HAS_FW, HAS_RW, CLIP, NEED_GRAD) the launcher can pass: NEED_GRAD needs a KL weight."""
+    for fw, rw, clip, grad in itertools.product((False, True), repeat=4):
+        if not grad or fw or rw:
+            yield {"HAS_FW": fw, "HAS_RW": rw, "CLIP": clip, "NEED_GRAD": grad}
+
+
+def specializations(subset: bool = False):
+    """(kernel name, constexpr flags, dz dtype or "", BLOCK_V, num_warps, aligned) for every launch the
+    launcher can make."""
+    from trace_kernels.rows_triton import block_and_warps
+
+    blocks = sorted({block_and_warps(v) for v in VOCABS})
+    if subset:
+        blocks = [b for b in blocks if b[0] in SUBSET_BLOCKS]
+    for (block, warps), aligned in itertools.product(blocks, (False,) if subset else (True, False)):
+        yield "_student_stats_kernel", {}, "", block, warps, aligned
+        for flags in kl_flag_sets():
+            yield "_kl_rows_kernel", flags, "", block, warps, aligned
+        for ew, kl, dz in itertools.product((False, True), (False, True), DZ_DTYPES):
+            yield "_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl}, dz, block, warps, aligned
+
+
+def _parse_arch(arch: str) -> int:
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m:
+        raise ValueError(f"--arch: expected names like sm_90a or sm_80, got {arch!r}")
+    return int(m.group(1))
+
+
+def compile_one(kernel: str, flags: dict, dz: str, block: int, warps: int, aligned: bool, arch: str) -> dict:
+    """Compile one specialization; returns a table row (errors are reported in the row, not raised)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from trace_kernels import rows_triton
+
+    fn = getattr(rows_triton, kernel)
+    constexprs = dict(flags, BLOCK_V=block)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "dz_ptr":
+            signature[name] = f"*{dz}"
+        else:
+            signature[name] = _TYPES.get(name, "*fp32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if aligned and signature[name] != "constexpr" and not signature[name].startswith("fp")}
+    row = {"kernel": kernel.strip("_"), "flags": " ".join(f"{k}={int(v)}" for k, v in flags.items()) or "-",
+           "dz_dtype": dz or "-", "block_v": block, "warps": warps, "aligned": int(aligned), "arch": arch}
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", _parse_arch(arch), 32), options={"num_warps": warps})
+    except Exception as e:  # reported in the table
+        row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}")
+        return row
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if regs is None or spill is None:
+        row.update(status="error: no ptxas -v log (a cached kernel? set TRITON_CACHE_DIR to an empty folder)")
+        return row
+    row.update(registers=int(regs.group(1)), spill_bytes=int(spill.group(1)) + int(spill.group(2)),
+               shared_bytes=compiled.metadata.shared, status="ok")
+    if row["spill_bytes"]:
+        row["status"] = "SPILLS"
+    return row
+
+
+def _compile_job(args):
+    return compile_one(*args)
+
+
+def _init_worker(cache_dir: str):
+    # An empty cache: a cached kernel would skip ptxas, and with it the log the registers come from.
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ.pop("TRITON_INTERPRET", None)
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # the runtime leaves it unset too
+
+
+COLUMNS = ["kernel", "flags", "dz_dtype", "block_v", "warps", "aligned", "arch", "registers", "spill_bytes",
+           "shared_bytes", "compile_s", "status"]
+
+
+def write_tables(rows: list[dict], out: str, header: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compile_check.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    ok = [r for r in rows if r["status"] in ("ok", "SPILLS")]
+    lines = [header, ""]
+    for arch in sorted({r["arch"] for r in rows}):
+        sel = [r for r in ok if r["arch"] == arch]
+        n_bad = sum(r["status"] != "ok" for r in rows if r["arch"] == arch)
+        if sel:
+            top = max(sel, key=lambda r: r["registers"])
+            lines.append(f"- {arch}: {len(sel)} compiled, {n_bad} failed or spilling; registers max "
+                         f"{top['registers']} ({top['kernel']} {top['flags']} dz {top['dz_dtype']} BLOCK_V "
+                         f"{top['block_v']} / {top['warps']} warps, aligned {top['aligned']}), spill bytes max "
+                         f"{max(r['spill_bytes'] for r in sel)}, shared memory max "
+                         f"{max(r['shared_bytes'] for r in sel)} B, compile time total "
+                         f"{sum(r['compile_s'] for r in sel):.0f} s")
+        else:
+            lines.append(f"- {arch}: nothing compiled ({n_bad} failed)")
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "compile_check.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90a,sm_80", help="comma-separated, e.g. sm_90a,sm_80")
+    ap.add_argument("--out", default=os.path.join("benchmarks", "out", "compile_check"))
+    ap.add_argument("--subset", action="store_true", help="BLOCK_V 4096 unaligned only (what the test runs)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels)", file=sys.stderr)
+        return 2
+    arches = [a.strip() for a in args.arch.split(",") if a.strip()]
+    for a in arches:
+        _parse_arch(a)
+    import triton
+
+    jobs = [(*spec, arch) for arch in arches for spec in specializations(args.subset)]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache:
+        with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(cache,)) as pool:
+            rows = list(pool.map(_compile_job, jobs))
+    header = (f"compile_check: triton {triton.__version__}, {len(jobs)} specializations "
+              f"({'subset' if args.subset else 'all'}), arch {','.join(arches)}, "
+              f"{time.strftime('%Y-%m-%d', time.gmtime())}, wall {time.perf_counter() - t0:.0f} s on "
+              f"{args.jobs} processes; registers and spills from Triton's own ptxas -v")
+    table = write_tables(rows, args.out, header)
+    print(table.split("\n\n| ")[0])
+    print(f"written to {args.out}/")
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad:
+        print(f"FAILED: {r}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
