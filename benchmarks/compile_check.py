@@ -48,10 +48,11 @@ _TYPES = {
 
 
 def kl_flag_sets():
-    """The (HAS_FW, HAS_RW, CLIP, NEED_GRAD) the launcher can pass: NEED_GRAD needs a KL weight."""
-    for fw, rw, clip, grad in itertools.product((False, True), repeat=4):
-        if not grad or fw or rw:
-            yield {"HAS_FW": fw, "HAS_RW": rw, "CLIP": clip, "NEED_GRAD": grad}
+    """The (HAS_FW, HAS_RW, CLIP, GRAD_CLIP, NEED_GRAD) the launcher can pass: NEED_GRAD needs a KL weight;
+    GRAD_CLIP (the "grad" clip mode) needs NEED_GRAD and excludes CLIP (the "value" mode)."""
+    for fw, rw, clip, grad_clip, grad in itertools.product((False, True), repeat=5):
+        if (not grad or fw or rw) and not (grad_clip and (clip or not grad)):
+            yield {"HAS_FW": fw, "HAS_RW": rw, "CLIP": clip, "GRAD_CLIP": grad_clip, "NEED_GRAD": grad}
 
 
 def specializations(subset: bool = False):

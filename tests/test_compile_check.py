@@ -22,8 +22,10 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     with open(tmp_path / "compile_check.csv") as f:
         rows = list(csv.DictReader(f))
-    # 1 student-stats + 14 KL-flag + 12 student-grad (flags x dz dtype) specializations at BLOCK_V 4096, unaligned
-    assert len(rows) == 27, res.stdout + res.stderr
+    # 1 student-stats + 17 KL-flag (14 + 3 with GRAD_CLIP) + 12 student-grad (flags x dz dtype)
+    # specializations at BLOCK_V 4096, unaligned
+    assert len(rows) == 30, res.stdout + res.stderr
+    assert sum("GRAD_CLIP=1" in r["flags"] for r in rows) == 3
     assert {r["kernel"] for r in rows} == {"student_stats_kernel", "kl_rows_kernel", "student_grad_kernel"}
     bad = [r for r in rows if r["status"] != "ok" or int(r["spill_bytes"]) != 0]
     assert not bad, bad

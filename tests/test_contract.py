@@ -243,3 +243,44 @@ def test_negative_logits_everywhere(impl):
     # The shift column of d hidden is -120 * sum_v dz_v: 0 in exact arithmetic and pure cancellation
     # noise in fp32, so it is left out; the same dz are checked through d weight[:, -1] = sum_n dz_n.
     assert rel_err(gw, rgw) < tol and rel_err(gh[:, :-1], rgh[:, :-1]) < tol
+
+
+# kl_clip_mode="grad": unclipped values, each entry of a distilled row's unweighted dKL/dz clamped. A clip of
+# 0.01 clamps a share of the entries of p - q and p (d - RKL) in these problems (checked below), not all.
+GRAD_MODE_OPTIONS = [("teacher", "fkl", "kl_term_clip"), ("teacher", "rkl", "kl_term_clip"),
+                     ("teacher", "fkl", "rkl", "kl_term_clip", "kl_index", "temperature"), ALL_OPTIONS]
+
+
+def _grad_mode(problem, clip=0.01):
+    hidden, weight, targets, advantages, kw = problem
+    return hidden, weight, targets, advantages, dict(kw, kl_term_clip=clip, kl_clip_mode="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("options", GRAD_MODE_OPTIONS, ids=lambda o: "all" if o == ALL_OPTIONS else "+".join(o))
+def test_kl_clip_mode_grad(impl, options, dtype):
+    """Values and gradients against the fp64 reference (whose clamped gradient is autograd's, clamped)."""
+    if dtype != PRECISION[impl][0] and dtype == torch.float64:
+        pytest.skip(f"{impl} computes in fp32")
+    problem = _grad_mode(make_problem(options=options, dtype=dtype, seed=11 + len(options)))
+    assert_matches_reference(impl, problem, tol=TOL[dtype])
+    # The problem exercises the mode: the values are the unclipped KL, the gradient is not the unclipped one.
+    hidden, weight, targets, advantages, kw = problem
+    ref, rgh, rgw = reference64(*problem)
+    plain, pgh, pgw = reference64(hidden, weight, targets, advantages, dict(kw, kl_term_clip=None))
+    value, _, _ = reference64(hidden, weight, targets, advantages, dict(kw, kl_clip_mode="value"))
+    assert rel_err(ref.loss, plain.loss) < 1e-12 and rel_err(ref.fkl, plain.fkl) < 1e-12
+    assert rel_err(ref.rkl, plain.rkl) < 1e-12
+    assert rel_err(ref.fkl, value.fkl) > 1e-2 or rel_err(ref.rkl, value.rkl) > 1e-2
+    assert rel_err(rgh, pgh) > 1e-2 and rel_err(rgw, pgw) > 1e-2
+
+
+@pytest.mark.one_block_size
+@pytest.mark.parametrize("budget_mb", [1e-4, 256])
+def test_kl_clip_mode_grad_chunking_and_repeated_rows(impl, budget_mb):
+    """Each distilled row's gradient is clamped on its own, then summed on the shared student row."""
+    dtype, tol = PRECISION[impl]
+    problem = _grad_mode(make_problem(n=41, v=61, m=30, options=ALL_OPTIONS, seed=7, dtype=dtype))
+    problem[4]["kl_index"][:6] = 3  # six distilled rows on one student row
+    with tk.chunk_budget(budget_mb):
+        assert_matches_reference(impl, problem, tol=tol)

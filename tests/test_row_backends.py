@@ -17,7 +17,7 @@ from trace_kernels.pg import pg_rows
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU interpreter")
 
 
-def _chunk(dz_dtype, seed=0, c=5, k=4, v=37):
+def _chunk(dz_dtype, seed=0, c=5, k=4, v=37, kl_clip_mode="value"):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(c, v, generator=g) * 3
     u = torch.randn(k, v, generator=g) * 3
@@ -25,8 +25,8 @@ def _chunk(dz_dtype, seed=0, c=5, k=4, v=37):
     targets = torch.randint(0, v, (c,), generator=g)
     return ChunkInputs(z_CV=z, targets_C=targets, inv_t=1 / 0.7, u_KV=u, local_K=local,
                        fkl_weight_K=torch.rand(k, generator=g), rkl_weight_K=torch.rand(k, generator=g),
-                       kl_term_clip=0.05, entropy_weight_C=-0.01 * torch.rand(c, generator=g), need_grad=True,
-                       dz_dtype=dz_dtype)
+                       kl_term_clip=0.05, kl_clip_mode=kl_clip_mode,
+                       entropy_weight_C=-0.01 * torch.rand(c, generator=g), need_grad=True, dz_dtype=dz_dtype)
 
 
 def _pg(chunk):
@@ -39,17 +39,18 @@ def _pg(chunk):
     return pg
 
 
-def _run(backend, dz_dtype):
-    chunk = _chunk(dz_dtype)
+def _run(backend, dz_dtype, kl_clip_mode="value"):
+    chunk = _chunk(dz_dtype, kl_clip_mode=kl_clip_mode)
     c, v = chunk.z_CV.shape
     ws = Workspace(v, torch.float32, torch.device("cpu"), student_rows=c, teacher_rows=chunk.u_KV.shape[0])
     return backend.chunk_rows(ws, chunk, _pg(chunk))
 
 
-def test_backends_agree_on_every_output():
+@pytest.mark.parametrize("kl_clip_mode", ["value", "grad"])
+def test_backends_agree_on_every_output(kl_clip_mode):
     from trace_kernels import rows_triton
 
-    a, b = _run(rows_torch, torch.float32), _run(rows_triton, torch.float32)
+    a, b = _run(rows_torch, torch.float32, kl_clip_mode), _run(rows_triton, torch.float32, kl_clip_mode)
     for name in ("logp_C", "entropy_C", "loss_C", "fkl_K", "rkl_K", "dz_CV"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=2e-5, atol=2e-6, msg=name)
 

@@ -19,7 +19,8 @@ def test_config_toml_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nalgorithm = "grpo"\nmax_steps = 5\n[loss]\nbeta = 0.01\n')
     cfg = load_config(str(path), ["train.max_steps=7", "trace.reverse_kl=true", "loss.clip_high=0.3",
-                                  "train.output_dir=runs/x"])
+                                  "train.output_dir=runs/x", "loss.kl_clip_mode=grad"])
+    assert cfg.loss.kl_clip_mode == "grad" and load_config(None).loss.kl_clip_mode == "value"
     assert (cfg.train.algorithm, cfg.train.max_steps, cfg.loss.beta) == ("grpo", 7, 0.01)
     assert cfg.trace.reverse_kl is True and cfg.loss.clip_high == 0.3 and cfg.train.output_dir == "runs/x"
     save_config(cfg, str(tmp_path / "resolved.toml"))
@@ -30,6 +31,7 @@ def test_config_toml_and_overrides(tmp_path):
     ("train.algorithm=ppo", "train.algorithm"), ("train.nope=1", "train.nope"), ("nosection.x=1", "nosection"),
     ("train.max_steps=ten", "train.max_steps"), ("train.max_steps", "section.key=value"),
     ("trace.span_cap=1.5", "span_cap"), ("train.max_steps=1.5", "train.max_steps"),
+    ("loss.kl_clip_mode=both", "loss.kl_clip_mode"),
 ])
 def test_config_errors_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -97,15 +97,28 @@ def _naive_batch_loss(model, tok, prompts, teacher_prompts, responses, advantage
         tb = make_batch(teacher_prompts, responses, tok.pad_token_id)
         tlogits = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits
         logq_all = torch.log_softmax(tlogits.reshape(-1, len(tok))[tb.rows], -1)
+    c = cfg.kl_term_clip or float("inf")  # the trainer's 0 means no clip
     for j, row in enumerate(routing.kl_index_M.tolist()):
         lp, lq = logp_all[row], logq_all[row]  # teacher batch holds every response: same row numbering
-        fkl = (lq.exp() * (lq - lp)).clamp(-cfg.kl_term_clip, cfg.kl_term_clip).sum()
-        rkl = (lp.exp() * (lp - lq)).clamp(-cfg.kl_term_clip, cfg.kl_term_clip).sum()
+        if cfg.kl_clip_mode == "grad":
+            # value: the unclipped KL; gradient w.r.t. the row's logits: clamp(p - q), clamp(p (d - RKL))
+            p, q, d = lp.exp(), lq.exp(), lp - lq
+            fkl, rkl = (q * -d).sum(), (p * d).sum()
+            gf, gr = (p - q).clamp(-c, c).detach(), (p * (d - rkl)).clamp(-c, c).detach()
+            z = logits[row]
+            fkl = fkl.detach() + (z * gf).sum() - (z * gf).sum().detach()
+            rkl = rkl.detach() + (z * gr).sum() - (z * gr).sum().detach()
+        else:
+            fkl = (lq.exp() * (lq - lp)).clamp(-c, c).sum()
+            rkl = (lp.exp() * (lp - lq)).clamp(-c, c).sum()
         loss = loss + routing.fkl_weight_M[j].double() * fkl + routing.rkl_weight_M[j].double() * rkl
     return loss
 
 
-def test_batch_loss_gradients_match_naive_full_logits(tok):
+# "grad": a clip small enough to clamp some entries of the tiny model's near-uniform rows (checked below)
+@pytest.mark.parametrize("cfg", [LossConfig(), LossConfig(kl_term_clip=0.003, kl_clip_mode="grad")],
+                         ids=["value", "grad"])
+def test_batch_loss_gradients_match_naive_full_logits(tok, cfg):
     model = build_tiny_model(ModelConfig(), tok, seed=3).double()
     problems = [arith.Problem(3, (("+", 4), ("*", 2))), arith.Problem(7, (("-", 9),))]
     texts = ["3+4=7,7*2=4;4", "7-9=5;5"]  # correct, then incorrect (7 - 9 = 8 mod 10)
@@ -121,7 +134,6 @@ def test_batch_loss_gradients_match_naive_full_logits(tok):
     teacher_prompts = [tok(arith.teacher_prompt(p, a.diagnostic))["input_ids"] for p, a in zip(problems, ann)]
     advantages = torch.tensor([1.0, -1.0])
     old = torch.randn(sum(len(r) for r in responses), dtype=torch.float64) * 0.1 - 4.0
-    cfg = LossConfig()
 
     out = batch_loss(Policy(model), tok.pad_token_id, prompts, responses, advantages, routing, cfg,
                      teacher_prompts=teacher_prompts, old_logprobs=old, impl="torch")
@@ -132,3 +144,10 @@ def test_batch_loss_gradients_match_naive_full_logits(tok):
     for g, ng in zip(grads, naive_grads):
         assert torch.allclose(g, ng, rtol=1e-7, atol=1e-10)
     assert out.fkl.numel() == routing.kl_index_M.numel() and (out.fkl >= -1e-6).all()
+    if cfg.kl_clip_mode == "grad":  # the mode reached trace_loss: unclipped value, gradient not the unclipped one
+        plain = LossConfig(kl_term_clip=0.0)
+        unclipped = _naive_batch_loss(model, tok, prompts, teacher_prompts, responses, advantages, routing, plain,
+                                      old)
+        assert torch.allclose(out.loss.double(), unclipped, rtol=1e-9, atol=1e-12)
+        plain_grads = torch.autograd.grad(unclipped, list(model.parameters()))
+        assert max((g - pg).abs().max().item() for g, pg in zip(grads, plain_grads)) > 1e-6

@@ -167,11 +167,24 @@ def test_no_annotator_call_once_lambda_is_zero(model_path, tmp_path):
     assert [h["trace/lambda"] for h in trainer.state.log_history if "loss" in h] == [0.0]
 
 
+def test_kl_clip_mode_grad_reaches_the_loss(model_path, tmp_path):
+    """trace_kl_clip_mode="grad": the loss value is the unclipped KL's, the gradient is not its gradient."""
+    kw = dict(loss_type="grpo", trace_reverse_kl=True)
+    plain = trace_trainer(model_path, tmp_path / "plain", trace_kl_term_clip=None, **kw)
+    clipped = trace_trainer(model_path, tmp_path / "grad", trace_kl_term_clip=0.001, trace_kl_clip_mode="grad", **kw)
+    inputs = trace_batch(len(plain._tokenizer), lam=0.3)
+    loss_p, grads_p = _loss_and_grads(plain, inputs)
+    loss_g, grads_g = _loss_and_grads(clipped, inputs)
+    assert loss_g.item() == pytest.approx(loss_p.item(), rel=1e-6)
+    scale = max(g.abs().max().item() for g in grads_p.values())
+    assert max((grads_g[n] - grads_p[n]).abs().max().item() for n in grads_p) > 1e-3 * scale
+
+
 def test_trace_config_errors(model_path, tmp_path):
     with pytest.raises(ValueError, match="annotator and privileged_prompt"):
         make_trainer(TraceGRPOTrainer, model_path, tmp_path, config_cls=TraceGRPOConfig)
     for bad in ({"trace_teacher": "snapshot"}, {"trace_span_cap": 1.5}, {"trace_w0": 0.0},
-                {"trace_kl_term_clip": -1.0}):
+                {"trace_kl_term_clip": -1.0}, {"trace_kl_clip_mode": "both"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TraceGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **bad)
 

@@ -50,6 +50,9 @@ CASES = [
     ("temperature", dict(temperature=-1.0)),
     ("temperature", dict(temperature=float("inf"))),
     ("kl_term_clip", dict(kl_term_clip=-0.05)),
+    ("kl_clip_mode", dict(kl_clip_mode="values")),
+    ("kl_clip_mode", dict(kl_clip_mode=None)),
+    ("kl_clip_mode", dict(kl_clip_mode="GRAD")),
     ("teacher_hidden", dict(teacher_hidden=torch.randn(3, 5))),
     ("teacher_hidden", dict(teacher_hidden=torch.randn(3, 4, dtype=torch.float16))),
     ("teacher_weight", dict(teacher_weight=torch.randn(8, 4))),
@@ -99,3 +102,11 @@ def test_validation_happens_before_any_kernel(monkeypatch):
 def test_valid_call_passes():
     out = _call()
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mode", ["value", "grad"])
+def test_kl_clip_mode_without_kl_term_clip_is_no_clip(mode):
+    """kl_clip_mode is accepted without kl_term_clip and then changes nothing: both modes are the unclipped KL."""
+    plain = _call(kl_term_clip=None)
+    out = _call(kl_term_clip=None, kl_clip_mode=mode)
+    assert torch.equal(out.loss, plain.loss) and torch.equal(out.fkl, plain.fkl) and torch.equal(out.rkl, plain.rkl)

@@ -31,6 +31,7 @@ class ChunkInputs:
     fkl_weight_K: torch.Tensor | None = None
     rkl_weight_K: torch.Tensor | None = None
     kl_term_clip: float | None = None
+    kl_clip_mode: str = "value"  # "value" | "grad" (docs/contract.md, "Per-term clip")
     entropy_weight_C: torch.Tensor | None = None
     need_grad: bool = False
     # dtype of the returned dz: the LM-head GEMMs' input dtype (bf16 for bf16 weights on CUDA), so that

@@ -14,6 +14,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IMPLS = ("auto", "triton", "torch", "reference")
+KL_CLIP_MODES = ("value", "grad")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TraceInputs:
     fkl_weight_M: torch.Tensor | None
     rkl_weight_M: torch.Tensor | None
     kl_term_clip: float | None
+    kl_clip_mode: str  # "value" | "grad" (docs/kl-clip.md); no effect when kl_term_clip is None
     entropy_weight_N: torch.Tensor | None  # 0 on ignored rows
     ignore_index: int
 
@@ -109,6 +111,7 @@ def check_inputs(
     fkl_weight=None,
     rkl_weight=None,
     kl_term_clip=None,
+    kl_clip_mode="value",
     entropy_weight=None,
     ignore_index=-100,
 ) -> TraceInputs:
@@ -156,6 +159,8 @@ def check_inputs(
     temperature = _real("temperature", temperature, minimum=0.0, strict=True)
     if kl_term_clip is not None:
         kl_term_clip = _real("kl_term_clip", kl_term_clip, minimum=0.0)
+    if not isinstance(kl_clip_mode, str) or kl_clip_mode not in KL_CLIP_MODES:
+        raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
 
     if teacher_hidden is None:
         for name, value in (("teacher_weight", teacher_weight), ("kl_index", kl_index),
@@ -204,5 +209,5 @@ def check_inputs(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
         teacher_hidden_MH=teacher_hidden, teacher_weight_VH=teacher_weight, kl_index_M=kl_index,
         fkl_weight_M=fkl_weight, rkl_weight_M=rkl_weight, kl_term_clip=kl_term_clip,
-        entropy_weight_N=entropy_weight, ignore_index=ignore_index,
+        kl_clip_mode=kl_clip_mode, entropy_weight_N=entropy_weight, ignore_index=ignore_index,
     )

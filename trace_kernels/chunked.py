@@ -165,9 +165,9 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
         rows_C = slice(a, b) if all_active else active_idx[a:b]
         h_CH = hidden[rows_C]
         chunk = ChunkInputs(z_CV=head.logits(h_CH, ws.get("z", b - a)), targets_C=safe_targets_N[rows_C],
-                            inv_t=inv_t, kl_term_clip=inp.kl_term_clip, entropy_weight_C=_rows(inp.entropy_weight_N,
-                                                                                              rows_C),
-                            need_grad=need_grad, dz_dtype=dz_dtype)
+                            inv_t=inv_t, kl_term_clip=inp.kl_term_clip, kl_clip_mode=inp.kl_clip_mode,
+                            entropy_weight_C=_rows(inp.entropy_weight_N, rows_C), need_grad=need_grad,
+                            dz_dtype=dz_dtype)
         j_K = None
         if inp.has_teacher and hi > lo:
             j_K = kl_order[lo:hi]

@@ -66,6 +66,7 @@ def trace_loss(
     fkl_weight: torch.Tensor | None = None,
     rkl_weight: torch.Tensor | None = None,
     kl_term_clip: float | None = None,
+    kl_clip_mode: str = "value",
     entropy_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -104,8 +105,14 @@ def trace_loss(
         kl_index: [M] int64 student row of each distilled row (repeats allowed). None: arange(N), M == N.
         fkl_weight: [M] float weight of each row's forward KL. None: no forward-KL term.
         rkl_weight: [M] float weight of each row's reverse KL. None: no reverse-KL term.
-        kl_term_clip: c >= 0 clamps every vocabulary term of each KL to [-c, c] (a clamped term has no
-            gradient); None: no clamp.
+        kl_term_clip: c >= 0, the KL clip (how it acts: kl_clip_mode); None: no clip.
+        kl_clip_mode: "value" (default): every vocabulary term of each KL is clamped to [-c, c] before the
+            sum (a clamped term has no gradient; fkl / rkl and the loss use the clamped sums). "grad": the
+            KL values stay unclipped (fkl / rkl and the loss value), and each entry of a distilled row's
+            unweighted gradient d KL_j / d z_s (z after the temperature; p - q for FKL, p (d - RKL) for RKL)
+            is clamped to [-c, c] before fkl_weight / rkl_weight multiply it: the gradient is then not the
+            autograd gradient of the reported loss. Ignored when kl_term_clip is None. docs/kl-clip.md
+            derives what each mode does to the gradient.
         entropy_weight: [N] float weight of each row's entropy (negative: a bonus). None: no entropy term.
         ignore_index: the target value that marks an ignored row.
         impl: "auto" (the torch path; on CUDA, Triton once its kernels have passed the GPU check: see
@@ -116,14 +123,14 @@ def trace_loss(
         TraceLossOutput(loss, logprobs, entropy, fkl, rkl): loss a scalar differentiable w.r.t. hidden and
         weight only (the teacher is constant; gradients are computed in the forward, backward scales them);
         logprobs [N] and entropy [N] detached fp32, 0 on ignored rows; fkl [M] and rkl [M] detached fp32
-        (clipped if kl_term_clip is set), None without teacher_hidden.
+        (clipped if kl_term_clip is set and kl_clip_mode is "value"), None without teacher_hidden.
 
     Raises:
         ValueError: naming the argument, before any computation: a bad shape, dtype or device, an index
             out of range, temperature <= 0, beta / clip_low / clip_high / kl_term_clip < 0, dual_clip <= 1,
-            beta > 0 without ref_logprobs, a teacher argument without teacher_hidden, kl_index missing with
-            M != N, an unknown impl, or impl="triton" where it cannot run (no triton, not CUDA without
-            TRITON_INTERPRET=1, fp64).
+            kl_clip_mode not "value" or "grad", beta > 0 without ref_logprobs, a teacher argument without
+            teacher_hidden, kl_index missing with M != N, an unknown impl, or impl="triton" where it cannot
+            run (no triton, not CUDA without TRITON_INTERPRET=1, fp64).
 
     Memory: at most the chunk budget (256 MB default; TRACE_KERNELS_CHUNK_MB or `chunk_budget`) of
     [rows, V] buffers, plus, when weight requires grad, an fp32 [V, H] weight-gradient accumulator during
@@ -136,8 +143,8 @@ def trace_loss(
         hidden, weight, targets, advantages, pg_weight=pg_weight, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, beta=beta, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         temperature=temperature, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, kl_index=kl_index,
-        fkl_weight=fkl_weight, rkl_weight=rkl_weight, kl_term_clip=kl_term_clip, entropy_weight=entropy_weight,
-        ignore_index=ignore_index,
+        fkl_weight=fkl_weight, rkl_weight=rkl_weight, kl_term_clip=kl_term_clip, kl_clip_mode=kl_clip_mode,
+        entropy_weight=entropy_weight, ignore_index=ignore_index,
     )
     impl = _resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "reference":

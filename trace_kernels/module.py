@@ -29,17 +29,19 @@ class TraceLoss(nn.Module):
 
     Options (as in `trace_loss`): beta (k3 penalty to the reference policy), clip_low / clip_high (PPO
     clip), dual_clip (cap -c*A on negative advantages), temperature (student and teacher), kl_term_clip
-    (clamp of each vocabulary term of a KL), ignore_index, impl ("auto" | "triton" | "torch" | "reference").
+    and kl_clip_mode (the KL clip and how it acts: "value" clamps each vocabulary term of a KL, "grad" each
+    entry of its logit gradient), ignore_index, impl ("auto" | "triton" | "torch" | "reference").
     """
 
     def __init__(self, *, beta: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.28,
                  dual_clip: float | None = None, temperature: float = 1.0, kl_term_clip: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto"):
+                 kl_clip_mode: str = "value", ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
         if impl not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"impl must be one of ('auto', 'triton', 'torch', 'reference'), got {impl!r}")
         self.options = dict(beta=beta, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                            temperature=temperature, kl_term_clip=kl_term_clip, ignore_index=ignore_index, impl=impl)
+                            temperature=temperature, kl_term_clip=kl_term_clip, kl_clip_mode=kl_clip_mode,
+                            ignore_index=ignore_index, impl=impl)
         # Bad options fail here, not at the first batch: trace_loss checks them on an empty problem.
         empty = torch.zeros(0)
         trace_loss(torch.zeros(0, 1), torch.zeros(1, 1), torch.zeros(0, dtype=torch.int64), empty,

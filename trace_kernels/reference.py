@@ -2,6 +2,8 @@
 
 Written straight from the formulas of docs/contract.md and independent of the chunked paths (which
 use closed-form gradients), so that comparing the two tests both. For tests and small problems only.
+With kl_clip_mode="grad" the clamped per-entry KL gradient is still autograd's (of the unclipped KL),
+clamped in a custom backward: no closed form is shared with the chunked paths there either.
 """
 
 from __future__ import annotations
@@ -10,6 +12,35 @@ import torch
 
 from ._inputs import TraceInputs
 from .output import TraceLossOutput
+
+
+def _kl_rows(zs_MV: torch.Tensor, logq_MV: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Unclipped FKL_j (reverse=False) or RKL_j [M] of student logits zs_MV against teacher log-probs."""
+    logp_MV = torch.log_softmax(zs_MV, dim=-1)
+    if reverse:
+        return (logp_MV.exp() * (logp_MV - logq_MV)).sum(-1)
+    return (logq_MV.exp() * (logq_MV - logp_MV)).sum(-1)
+
+
+class _GradClippedKL(torch.autograd.Function):
+    """KL_j [M] unclipped in the forward; in the backward, each entry of d KL_j / d zs_j (obtained by autograd
+    of the unclipped KL) clamped to [-clip, clip] before the incoming gradient (the row's weight) scales it.
+
+    Deliberately not the gradient of the forward: that is the "grad" clip mode of the contract."""
+
+    @staticmethod
+    def forward(ctx, zs_MV, logq_MV, clip, reverse):
+        ctx.save_for_backward(zs_MV, logq_MV)
+        ctx.clip, ctx.reverse = clip, reverse
+        return _kl_rows(zs_MV, logq_MV, reverse)
+
+    @staticmethod
+    def backward(ctx, grad_M):
+        zs_MV, logq_MV = ctx.saved_tensors
+        with torch.enable_grad():
+            z = zs_MV.detach().requires_grad_(True)
+            (dkl_MV,) = torch.autograd.grad(_kl_rows(z, logq_MV, ctx.reverse).sum(), z)
+        return grad_M[:, None] * dkl_MV.clamp(-ctx.clip, ctx.clip), None, None, None
 
 
 def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
@@ -45,14 +76,19 @@ def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
         u_MV = (inp.teacher_hidden_MH.to(acc) @ inp.teacher_weight_VH.to(acc).T) / inp.temperature
         logq_MV = torch.log_softmax(u_MV, dim=-1)
         q_MV = logq_MV.exp()
-        logps_MV = logp_NV[inp.kl_index_M]
-        ps_MV = p_NV[inp.kl_index_M]
-        fkl_terms = q_MV * (logq_MV - logps_MV)
-        rkl_terms = ps_MV * (logps_MV - logq_MV)
-        if inp.kl_term_clip is not None:
-            fkl_terms = torch.clamp(fkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
-            rkl_terms = torch.clamp(rkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
-        fkl_M, rkl_M = fkl_terms.sum(-1), rkl_terms.sum(-1)
+        if inp.kl_term_clip is not None and inp.kl_clip_mode == "grad":
+            zs_MV = z_NV[inp.kl_index_M]
+            fkl_M = _GradClippedKL.apply(zs_MV, logq_MV, inp.kl_term_clip, False)
+            rkl_M = _GradClippedKL.apply(zs_MV, logq_MV, inp.kl_term_clip, True)
+        else:
+            logps_MV = logp_NV[inp.kl_index_M]
+            ps_MV = p_NV[inp.kl_index_M]
+            fkl_terms = q_MV * (logq_MV - logps_MV)
+            rkl_terms = ps_MV * (logps_MV - logq_MV)
+            if inp.kl_term_clip is not None:
+                fkl_terms = torch.clamp(fkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
+                rkl_terms = torch.clamp(rkl_terms, -inp.kl_term_clip, inp.kl_term_clip)
+            fkl_M, rkl_M = fkl_terms.sum(-1), rkl_terms.sum(-1)
         if inp.fkl_weight_M is not None:
             loss = loss + (inp.fkl_weight_M.to(acc) * fkl_M).sum()
         if inp.rkl_weight_M is not None:

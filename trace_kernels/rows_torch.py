@@ -5,16 +5,19 @@ dtype) and the teacher logits u [K, V] of its K distilled rows, computes, with p
 softmax(u), s = local student row of each distilled row, d = log p_s - log q:
 
     logp_c = log p_c[y_c]                   entropy_c = -sum_v p log p
-    FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip)
+    FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip
+                                                                        in "value" mode)
 
 and, when asked, dloss/dz (docs/contract.md, "Gradients"):
 
     dz_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
          + sum_{k: s_k = c} fw_k (p_c - q_k) + rw_k p_c (d_k - RKL_k)      (unclipped)
 
-With a clip c, only the unclamped terms U count:
+With a clip c in "value" mode, only the unclamped terms U count:
     forward:  -q [v in U] + p sum_{w in U} q_w
     reverse:  [v in U] p (d + 1) - p sum_{w in U} p_w (d_w + 1)
+In "grad" mode FKL and RKL stay unclipped and each distilled row's unclipped terms are clamped entrywise
+before its weight multiplies them: fw_k clamp(p_c - q_k, -c, c) + rw_k clamp(p_c (d_k - RKL_k), -c, c).
 
 The dz returned is this times 1/temperature (the gradient with respect to the unscaled logits h W^T),
 applied by scaling the [C] and [K] row weights rather than a [C, V] tensor. Every [rows, V] tensor is a
@@ -51,8 +54,9 @@ def _softmax_stats(z_CV: torch.Tensor, p_CV: torch.Tensor) -> None:
     z_CV.sub_(s_C.log_())
 
 
-def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip, need_grad):
-    """FKL, RKL [K] and, if need_grad, the distilled rows' logit gradient dz [K, V]. u_KV is consumed."""
+def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip, need_grad, clip_mode="value"):
+    """FKL, RKL [K] and, if need_grad, the distilled rows' logit gradient dz [K, V]. u_KV is consumed.
+    The weights carry 1/temperature, so a "grad" clamp (applied before them) acts on d KL / d z, z scaled."""
     k = u_KV.shape[0]
     q_KV = ws.get("q", k, teacher=True)
     _softmax_stats(u_KV, q_KV)  # u is now log q
@@ -60,13 +64,18 @@ def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip
     d_KV = torch.index_select(logp_CV, 0, local_K, out=ws.get("d", k, teacher=True)).sub_(u_KV)
     dz_KV = ws.get("dzk", k, teacher=True).zero_() if need_grad else None
     tmp_KV = u_KV  # log q is no longer needed: its buffer becomes scratch
-    if clip is None:
+    if clip is None or clip_mode == "grad":
+        grad_clip = clip  # None: unclipped
+
+        def clamped(t_KV):
+            return t_KV if grad_clip is None else t_KV.clamp_(-grad_clip, grad_clip)
+
         fkl_K = -_rowdot(q_KV, d_KV)
         rkl_K = _rowdot(ps_KV, d_KV)
         if need_grad and fkl_w_K is not None:
-            dz_KV.add_(torch.sub(ps_KV, q_KV, out=tmp_KV).mul_(fkl_w_K[:, None]))
+            dz_KV.add_(clamped(torch.sub(ps_KV, q_KV, out=tmp_KV)).mul_(fkl_w_K[:, None]))
         if need_grad and rkl_w_K is not None:
-            dz_KV.add_(torch.sub(d_KV, rkl_K[:, None], out=tmp_KV).mul_(ps_KV).mul_(rkl_w_K[:, None]))
+            dz_KV.add_(clamped(torch.sub(d_KV, rkl_K[:, None], out=tmp_KV).mul_(ps_KV)).mul_(rkl_w_K[:, None]))
         return fkl_K, rkl_K, dz_KV
     keep_KV = ws.get("keep", k, teacher=True, dtype=torch.bool)
     upper_KV = ws.get("upper", k, teacher=True, dtype=torch.bool)
@@ -123,7 +132,8 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
     fkl_K = rkl_K = dz_KV = None
     if u_KV is not None:
         fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, u_KV, chunk.local_K, scaled(chunk.fkl_weight_K),
-                                       scaled(chunk.rkl_weight_K), chunk.kl_term_clip, chunk.need_grad)
+                                       scaled(chunk.rkl_weight_K), chunk.kl_term_clip, chunk.need_grad,
+                                       chunk.kl_clip_mode)
 
     loss_C, g_C = pg(logp_C, entropy_C)
     if not chunk.need_grad:

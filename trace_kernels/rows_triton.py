@@ -12,7 +12,9 @@ Student stats (one sweep), with z scaled logits, running max m and s = sum exp(z
 KL rows (teacher u of distilled row k, student row s = local_k with its max and log s known):
     sweep 1: lse_u (online);  sweep 2: FKL = sum clamp(-q d), RKL = sum clamp(p d), d = logp - logq, and the
     sums over unclamped terms Sf = sum_U q, Sr = sum_U p (d + 1);  sweep 3 (gradient), written over u:
-    unclipped: fw (p - q) + rw p (d - RKL);   clipped: fw (p Sf - q [U]) + rw ([U] p (d + 1) - p Sr).
+    unclipped: fw (p - q) + rw p (d - RKL);   clipped: fw (p Sf - q [U]) + rw ([U] p (d + 1) - p Sr);
+    GRAD_CLIP ("grad" mode: sweep 2 sums the unclipped terms):
+    fw clamp(p - q, -c, c) + rw clamp(p (d - RKL), -c, c).
 Student gradient:  dz = p (-(g + ew H) - ew logp) + g [v = y] + the dz of the row's distilled rows (read
 from u), times 1/temperature (dz with respect to the unscaled logits h W^T), summed in fp32 and rounded
 once to the GEMM input dtype as it is stored (over z when that is fp32, else into a separate buffer).
@@ -80,7 +82,9 @@ def _student_stats_kernel(z_ptr, stride_z, targets_ptr, inv_t, max_ptr, logs_ptr
 @triton.jit
 def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_ptr, fw_ptr, rw_ptr, inv_t, clip,
                     fkl_ptr, rkl_ptr, V, HAS_FW: tl.constexpr, HAS_RW: tl.constexpr, CLIP: tl.constexpr,
-                    NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+                    GRAD_CLIP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # CLIP: the "value" clip (clamped terms, set U); GRAD_CLIP: the "grad" clip (unclipped values, clamped
+    # gradient entries). The launcher sets at most one, and GRAD_CLIP only with NEED_GRAD.
     k = tl.program_id(0).to(tl.int64)
     srow = tl.load(local_ptr + k).to(tl.int64)
     z_row = z_ptr + srow * stride_z
@@ -136,6 +140,10 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
                 keep_f = (fterm >= -clip) & (fterm <= clip)
                 keep_r = (rterm >= -clip) & (rterm <= clip)
                 dz = fw * (p * sf - tl.where(keep_f, q, 0.0)) + rw * (tl.where(keep_r, p * (d + 1.0), 0.0) - p * sr)
+            elif GRAD_CLIP:
+                gf = tl.minimum(tl.maximum(p - q, -clip), clip)
+                gr = tl.minimum(tl.maximum(p * (d - rkl), -clip), clip)
+                dz = fw * gf + rw * gr
             else:
                 dz = fw * (p - q) + rw * p * (d - rkl)
             tl.store(u_row + offs, dz, mask=mask)
@@ -195,6 +203,7 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
     fw_K, rw_K = chunk.fkl_weight_K, chunk.rkl_weight_K
     kl_grad = chunk.need_grad and u_KV is not None and (fw_K is not None or rw_K is not None)
     if u_KV is not None:
+        clip = chunk.kl_term_clip is not None
         k = u_KV.shape[0]
         fkl_K = torch.empty(k, dtype=torch.float32, device=device)
         rkl_K = torch.empty(k, dtype=torch.float32, device=device)
@@ -203,8 +212,9 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
             z_CV, z_CV.stride(0), u_KV, u_KV.stride(0), local_K.contiguous(), max_C, logs_C,
             dummy if fw_K is None else fw_K.contiguous(), dummy if rw_K is None else rw_K.contiguous(),
             chunk.inv_t, 0.0 if chunk.kl_term_clip is None else chunk.kl_term_clip, fkl_K, rkl_K, v,
-            HAS_FW=fw_K is not None, HAS_RW=rw_K is not None, CLIP=chunk.kl_term_clip is not None,
-            NEED_GRAD=kl_grad, BLOCK_V=block, num_warps=warps)
+            HAS_FW=fw_K is not None, HAS_RW=rw_K is not None, CLIP=clip and chunk.kl_clip_mode == "value",
+            GRAD_CLIP=clip and kl_grad and chunk.kl_clip_mode == "grad", NEED_GRAD=kl_grad, BLOCK_V=block,
+            num_warps=warps)
     loss_C, g_C = pg(logp_C, ent_C)
     if not chunk.need_grad:
         return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, None)

@@ -68,6 +68,7 @@ class LossConfig:
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean
     advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
     kl_term_clip: float = 0.05  # per-vocabulary-term clamp of each KL (docs/contract.md); 0: off
+    kl_clip_mode: str = "value"  # value: clamp each KL term | grad: clamp each logit-gradient entry (docs/kl-clip.md)
 
 
 @dataclass
@@ -104,6 +105,8 @@ class Config:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.loss.aggregation not in ("token-mean", "seq-mean-token-mean"):
             raise ValueError(f"loss.aggregation: unknown {self.loss.aggregation!r}")
+        if self.loss.kl_clip_mode not in ("value", "grad"):
+            raise ValueError(f"loss.kl_clip_mode: unknown {self.loss.kl_clip_mode!r} (value | grad)")
         if self.loss.advantage_norm not in ("std", "mean"):
             raise ValueError(f"loss.advantage_norm: unknown {self.loss.advantage_norm!r}")
         if not 0 < self.trace.span_cap <= 1:

@@ -88,7 +88,8 @@ def batch_loss(
         tbatch = make_batch([teacher_prompts[b] for b in sel], [responses[b] for b in sel], pad_id)
         rows = teacher_rows_for(routing, batch.response_lens)
         kw.update(kl_index=routing.kl_index_M.to(device), fkl_weight=routing.fkl_weight_M.to(device),
-                  rkl_weight=routing.rkl_weight_M.to(device), kl_term_clip=loss_cfg.kl_term_clip or None)
+                  rkl_weight=routing.rkl_weight_M.to(device), kl_term_clip=loss_cfg.kl_term_clip or None,
+                  kl_clip_mode=loss_cfg.kl_clip_mode)
     elif teacher_needed:
         tbatch = make_batch([[pad_id]], [[pad_id]], pad_id)
     if tbatch is None:

@@ -45,7 +45,9 @@ class TraceGRPOConfig(GRPOConfig):
     trace_forward_kl: forward KL(teacher || student) on the key spans of correct rollouts.
     trace_reverse_kl: reverse KL(student || teacher) on the error spans of incorrect rollouts.
     trace_span_cap: at most this fraction of a completion's tokens is marked.
-    trace_kl_term_clip: clamp of each vocabulary term of a KL (None: no clamp).
+    trace_kl_term_clip: the KL clip c (None: no clip).
+    trace_kl_clip_mode: "value" (clamp each vocabulary term of a KL to [-c, c]) or "grad" (KL values
+        unclipped, each entry of a distilled token's logit gradient clamped); docs/kl-clip.md.
     trace_teacher: "live" (the current weights; the only teacher this integration has).
     trace_correct_reward: a rollout is correct when its weighted reward sum is >= this.
     trace_problem_key: the dataset column given to the annotator as the problem (else the prompt text).
@@ -60,6 +62,7 @@ class TraceGRPOConfig(GRPOConfig):
     trace_reverse_kl: bool = False
     trace_span_cap: float = 0.25
     trace_kl_term_clip: float | None = 0.05
+    trace_kl_clip_mode: str = "value"
     trace_teacher: str = "live"
     trace_correct_reward: float = 1.0
     trace_problem_key: str = "problem"
@@ -74,6 +77,8 @@ class TraceGRPOConfig(GRPOConfig):
             raise ValueError(f"trace_span_cap must lie in [0, 1], got {self.trace_span_cap}")
         if self.trace_kl_term_clip is not None and not self.trace_kl_term_clip >= 0:
             raise ValueError(f"trace_kl_term_clip must be >= 0 or None, got {self.trace_kl_term_clip}")
+        if self.trace_kl_clip_mode not in ("value", "grad"):
+            raise ValueError(f"trace_kl_clip_mode must be 'value' or 'grad', got {self.trace_kl_clip_mode!r}")
         if self.trace_teacher != "live":
             raise ValueError(f"trace_teacher={self.trace_teacher!r} is not supported: only 'live' (a snapshot "
                              "teacher needs a second model copy; use trace_train's own trainer for that)")
@@ -117,10 +122,12 @@ class TraceGRPOTrainer(GRPOTrainer):
         a = self.args
         self._loss_fn = tk.TraceLoss(beta=self.beta, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                                      dual_clip=a.delta, temperature=self.temperature,
-                                     kl_term_clip=a.trace_kl_term_clip if self._trace else None)
+                                     kl_term_clip=a.trace_kl_term_clip if self._trace else None,
+                                     kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
         # TRL's bias-corrected k3 (x ratio) has no trace_loss term: that case goes through the prepass.
         self._prepass_loss_fn = tk.TraceLoss(beta=0.0, temperature=self.temperature,
-                                             kl_term_clip=a.trace_kl_term_clip if self._trace else None)
+                                             kl_term_clip=a.trace_kl_term_clip if self._trace else None,
+                                             kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
 
     # ---------------------------------------------------------------- TRACE: spans and privileged prompts
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
