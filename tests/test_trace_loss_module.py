@@ -98,6 +98,23 @@ def test_flat_rows_are_trace_loss():
     assert abs(out.loss.item() - ref.loss.item()) < 1e-12 and out.logprobs.shape == (12,)
 
 
+def test_kl_clip_mode_is_an_option():
+    """TraceLoss(kl_clip_mode=...) reaches trace_loss: each mode equals the reference in that mode."""
+    hidden, weight, targets, mask, batch = padded_problem(2, 6, 5, 13, torch.float64, seed=3)
+    h, t, adv = hidden.reshape(12, 5), targets.reshape(12), batch["advantages"].repeat_interleave(6)
+    kl = dict(teacher_hidden=batch["teacher_hidden"].reshape(12, 5), kl_index=torch.arange(12),
+              fkl_weight=batch["fkl_weight"].reshape(12), rkl_weight=batch["rkl_weight"].reshape(12))
+    losses = {}
+    for mode in ("value", "grad"):
+        h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+        out = tk.TraceLoss(impl="torch", kl_term_clip=0.01, kl_clip_mode=mode)(h1, weight, t, adv, **kl)
+        ref = tk.trace_loss(h2, weight, t, adv, kl_term_clip=0.01, kl_clip_mode=mode, impl="reference", **kl)
+        (g1,), (g2,) = torch.autograd.grad(out.loss, h1), torch.autograd.grad(ref.loss, h2)
+        assert rel_err(out.loss, ref.loss) < 1e-9 and rel_err(g1, g2) < 1e-9
+        losses[mode] = out.loss.item()
+    assert abs(losses["value"] - losses["grad"]) > 1e-3
+
+
 def test_all_tokens_masked_gives_zero_loss_and_gradients():
     hidden, weight, targets, mask, batch = padded_problem(2, 3, 4, 6, torch.float64, seed=3)
     h_ = hidden.clone().requires_grad_()
@@ -123,6 +140,6 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="hidden"):
         loss(hidden[0, 0], weight, targets, batch["advantages"])
     for bad in ({"temperature": -1.0}, {"dual_clip": 0.5}, {"clip_low": -0.1}, {"beta": -1.0},
-                {"kl_term_clip": float("nan")}, {"impl": "cuda"}, {"ignore_index": 1.5}):
+                {"kl_term_clip": float("nan")}, {"impl": "cuda"}, {"ignore_index": 1.5}, {"kl_clip_mode": "both"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             tk.TraceLoss(**bad)
