@@ -42,6 +42,16 @@ def test_cuda_all_options(impl, dtype, seed):
                                   device="cuda", scale=2.0), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kl_clip_mode_grad(dtype):
+    """The Triton kernel's GRAD_CLIP specialization (kl_clip_mode="grad") compiled for the card."""
+    problem = make_problem(n=300, h=128, v=5003, m=80, options=ALL_OPTIONS, dtype=dtype, seed=5, device="cuda",
+                           scale=2.0)
+    problem[4].update(kl_term_clip=0.01, kl_clip_mode="grad")
+    with tk.chunk_budget(4):
+        _check("triton", problem, dtype)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_qwen3_vocab(impl, dtype):

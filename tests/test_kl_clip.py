@@ -160,8 +160,23 @@ def test_top_token_lift_claims(seed):
     assert sel.sum() > 20 and (top_clamped & ~student_top).sum() > 20
     assert (lift_value[sel] <= 0).all()  # clamped and the student's own favourite: pushed down
     assert (lift_value[top_clamped] <= 1 - q[top_clamped, 0] + 1e-15).all()  # never more than 1 - q_0
+    # the doc's closed forms of the lifts: FKL value with the top term clamped, unclipped FKL, RKL value
+    sq = (p * p).sum(-1)
+    unclamped_f = (q * (torch.log(q) - torch.log(p))).abs() <= c
+    q_u = (q * unclamped_f).sum(-1)
+    doc_lift = q_u * (sq - p[:, 0]) - (p * q * unclamped_f).sum(-1)
+    assert torch.allclose(lift_value[top_clamped], doc_lift[top_clamped], rtol=0, atol=1e-14)
     g, _ = reference_grad(z, u, "forward", "none", c)
+    assert torch.allclose(lift(z, g, 0), (q[:, 0] - p[:, 0]) + (sq - (p * q).sum(-1)), rtol=0, atol=1e-14)
     assert (lift(z, g, 0)[top_clamped] > 0).all()  # the unclipped FKL lifts it
+    d = torch.log(p) - torch.log(q)
+    unclamped_r = (p * d).abs() <= c
+    s_u = (p * (d + 1) * unclamped_r).sum(-1)
+    top_clamped_r = ~unclamped_r[:, 0]
+    assert top_clamped_r.sum() > 20
+    g, _ = reference_grad(z, u, "reverse", "value", c)
+    doc_lift_r = s_u * (p[:, 0] - sq) + (p * p * (d + 1) * unclamped_r).sum(-1)
+    assert torch.allclose(lift(z, g, 0)[top_clamped_r], doc_lift_r[top_clamped_r], rtol=0, atol=1e-14)
     # grad mode: if token 0 is the only token the student under-allocates, lift >= c (1 - p_0)
     g, _ = reference_grad(z, u, "forward", "grad", c)
     only = ((q > p).sum(-1) == 1) & (q[:, 0] - p[:, 0] > c)
@@ -169,7 +184,6 @@ def test_top_token_lift_claims(seed):
     assert (lift(z, g, 0)[only] >= c * (1 - p[only, 0]) - 1e-15).all()
     # reverse, grad: token 0 (p_0 < q_0, so d_0 < 0 <= RKL) always goes up, and lifts when it is the only
     # token with d < RKL
-    d = torch.log(p) - torch.log(q)
     g, _ = reference_grad(z, u, "reverse", "grad", c)
     under = p[:, 0] < q[:, 0]
     assert under.all() and (g[:, 0] < 0).all()
