@@ -44,24 +44,141 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         return Qwen3ForCausalLM(config).to(getattr(torch, cfg.dtype))
 
 
-def load_policy(cfg: ModelConfig, seed: int = 0):
-    """(model, tokenizer): from_pretrained on cfg.path (a local folder), else the tiny model."""
-    if cfg.path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _attn_implementation() -> str:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
 
-        attn = "sdpa"
-        try:
-            import flash_attn  # noqa: F401
 
-            attn = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-        except ImportError:
-            pass
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype),
-                                                     attn_implementation=attn)
+def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
+    """(model, tokenizer): from_pretrained on cfg.path (a local folder), else the tiny model.
+
+    meta=True (cfg.path only): the model is built from its config with every parameter on the meta device
+    (no memory, no file read; buffers computed at construction stay real), to be sharded by
+    `dist.shard` and filled by `load_sharded_weights`, so that no process ever holds the full weights.
+    Either way a model whose logits are not hidden @ lm_head.weight.T is refused (`check_plain_lm_head`)."""
+    if not cfg.path:
+        tokenizer = build_char_tokenizer()
+        return build_tiny_model(cfg, tokenizer, seed), tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    dtype = getattr(torch, cfg.dtype)
+    if not meta:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=_attn_implementation())
+        check_plain_lm_head(model)
         return model, tokenizer
-    tokenizer = build_char_tokenizer()
-    return build_tiny_model(cfg, tokenizer, seed), tokenizer
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    config = AutoConfig.from_pretrained(cfg.path)
+    check_plain_lm_head_config(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_implementation())
+    check_plain_lm_head(model)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(cfg.path)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one derived from the config too
+        pass
+    return model, tokenizer
+
+
+# Config attributes that change the logits after the LM head: (name, the value that leaves them unchanged).
+# trace_loss computes the logits as hidden @ lm_head.weight.T from the final-norm hidden states, so any of
+# these would give a silently wrong loss.
+LOGIT_TRANSFORMS = (
+    ("final_logit_softcapping", None),  # Gemma 2 / 3: tanh(logits / c) * c
+    ("logit_scale", 1.0),  # Cohere, Cohere 2: logits * s
+    ("logits_scaling", 1.0),  # Granite: logits / s
+    ("output_logit_soft_cap", None),  # Recurrent Gemma
+)
+
+
+def check_plain_lm_head_config(config) -> None:
+    """ValueError naming the config attribute if the model's logits are not hidden @ lm_head.weight.T."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for name, neutral in LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, neutral)
+            if value is not None and value != neutral and not (neutral is None and value == 0):
+                raise ValueError(f"{type(config).__name__}.{name} = {value!r}: this model transforms its logits "
+                                 f"after the LM head, which trace_loss (logits = hidden @ lm_head.weight.T) does "
+                                 f"not support")
+
+
+def check_plain_lm_head(model) -> None:
+    """check_plain_lm_head_config, and the LM head itself: a plain Linear without bias."""
+    check_plain_lm_head_config(model.config)
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__}: no output embedding (lm_head) weight to compute logits with")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}.lm_head.bias is set: trace_loss computes logits as "
+                         f"hidden @ lm_head.weight.T without a bias")
+
+
+def _safetensors_files(path: str) -> dict[str, str]:
+    """{tensor name: file} of a local Hugging Face folder's safetensors weights."""
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"model.path {path!r}: sharded loading reads safetensors (model.safetensors or "
+                         f"model.safetensors.index.json), none found")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@torch.no_grad()
+def load_sharded_weights(model, path: str) -> None:
+    """Fill a sharded (FSDP2, Shard(0)) model's local shards from a Hugging Face folder: each process reads
+    only its own rows of each tensor from the memory-mapped safetensors files, cast to the parameter's dtype.
+    A parameter absent from the files is an error, unless it is tied to one that was loaded (the LM head of
+    tied-embedding models)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    where = _safetensors_files(path)
+    handles: dict[str, object] = {}
+    loaded: set[int] = set()
+    missing = []
+    try:
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in where:
+                missing.append((name, t))
+                continue
+            f = handles.get(where[name]) or handles.setdefault(where[name], safe_open(where[name], framework="pt"))
+            src = f.get_slice(name)
+            if isinstance(t, DTensor):
+                if len(t.placements) != 1 or t.placements[0] != Shard(0):
+                    raise ValueError(f"{name}: expected FSDP's Shard(0) placement, got {t.placements}")
+                local = t.to_local()
+                n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+                chunk = -(-n // world)
+                start = min(n, rank * chunk)
+                rows = min(n, start + chunk) - start
+                if local.shape[0] != rows:
+                    raise ValueError(f"{name}: local shard has {local.shape[0]} rows, expected {rows}")
+                if rows:
+                    local.copy_(src[start:start + rows].to(local.dtype))
+            else:
+                t.copy_(src[:].to(t.dtype))
+            loaded.add(id(t))
+    finally:
+        handles.clear()
+    absent = [name for name, t in missing if id(t) not in loaded]
+    if absent:
+        raise ValueError(f"model.path {path!r}: no weights for {absent[:5]} in the safetensors files")
 
 
 @dataclass
