@@ -5,6 +5,7 @@ the positions that predict response tokens (without computing logits). trace_tra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,62 +121,89 @@ def check_plain_lm_head(model) -> None:
                          f"hidden @ lm_head.weight.T without a bias")
 
 
-def _safetensors_files(path: str) -> dict[str, str]:
-    """{tensor name: file} of a local Hugging Face folder's safetensors weights."""
+def _safetensors_files(path: str) -> list[str]:
+    """The safetensors weight files of a local Hugging Face folder."""
     import json
     import os
 
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise ValueError(f"model.path {path!r}: sharded loading reads safetensors (model.safetensors or "
                          f"model.safetensors.index.json), none found")
-    from safetensors import safe_open
+    return [single]
 
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsRows:
+    """Row ranges of the tensors of one safetensors file, read with plain file reads (no memory map, so a
+    process's resident memory holds only what it asked for). The format: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the row-major data."""
+
+    def __init__(self, path: str):
+        import json
+
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+        self.data_start = 8 + n
+
+    def read(self, name: str, start: int, rows: int, out: torch.Tensor) -> None:
+        """Copy rows [start, start + rows) of tensor `name` (all of a 0-d tensor) into `out` (cast)."""
+        meta = self.header[name]
+        dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"]
+        row_numel = math.prod(shape[1:]) if shape else 1
+        if tuple(out.shape) != ((rows, *shape[1:]) if shape else ()):
+            raise ValueError(f"{name}: file shape {shape}, rows {start}:{start + rows}, parameter shard "
+                             f"{tuple(out.shape)}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(out.shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + meta["data_offsets"][0] + start * row_numel * itemsize)
+            view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{self.path}: truncated data for {name}")
+        if not direct:
+            out.copy_(buf)
 
 
 @torch.no_grad()
 def load_sharded_weights(model, path: str) -> None:
     """Fill a sharded (FSDP2, Shard(0)) model's local shards from a Hugging Face folder: each process reads
-    only its own rows of each tensor from the memory-mapped safetensors files, cast to the parameter's dtype.
-    A parameter absent from the files is an error, unless it is tied to one that was loaded (the LM head of
+    only its own rows of each tensor from the safetensors files, cast to the parameter's dtype. A parameter
+    absent from the files is an error, unless it is tied to one that was loaded (the LM head of
     tied-embedding models)."""
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor, Shard
 
-    where = _safetensors_files(path)
-    handles: dict[str, object] = {}
+    where = {}
+    for f in map(_SafetensorsRows, _safetensors_files(path)):
+        where.update(dict.fromkeys(f.header, f))
     loaded: set[int] = set()
     missing = []
-    try:
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name not in where:
-                missing.append((name, t))
-                continue
-            f = handles.get(where[name]) or handles.setdefault(where[name], safe_open(where[name], framework="pt"))
-            src = f.get_slice(name)
-            if isinstance(t, DTensor):
-                if len(t.placements) != 1 or t.placements[0] != Shard(0):
-                    raise ValueError(f"{name}: expected FSDP's Shard(0) placement, got {t.placements}")
-                local = t.to_local()
-                n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
-                chunk = -(-n // world)
-                start = min(n, rank * chunk)
-                rows = min(n, start + chunk) - start
-                if local.shape[0] != rows:
-                    raise ValueError(f"{name}: local shard has {local.shape[0]} rows, expected {rows}")
-                if rows:
-                    local.copy_(src[start:start + rows].to(local.dtype))
-            else:
-                t.copy_(src[:].to(t.dtype))
-            loaded.add(id(t))
-    finally:
-        handles.clear()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in where:
+            missing.append((name, t))
+            continue
+        if isinstance(t, DTensor):
+            if len(t.placements) != 1 or t.placements[0] != Shard(0):
+                raise ValueError(f"{name}: expected FSDP's Shard(0) placement, got {t.placements}")
+            local = t.to_local()
+            n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+            chunk = -(-n // world)
+            start = min(n, rank * chunk)
+            where[name].read(name, start, min(n, start + chunk) - start, local)
+        else:
+            where[name].read(name, 0, t.shape[0] if t.dim() else 1, t)
+        loaded.add(id(t))
     absent = [name for name, t in missing if id(t) not in loaded]
     if absent:
         raise ValueError(f"model.path {path!r}: no weights for {absent[:5]} in the safetensors files")
