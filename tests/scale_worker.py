@@ -51,13 +51,13 @@ def _batch(seed: int, n: int = 3):
 
 
 def load(folder: str, how: str, out: str) -> None:
-    from trace_train.train import build_policy
-
     import accelerate  # noqa: F401  the imports' own memory is not the model's
     import safetensors.torch  # noqa: F401
     import transformers  # noqa: F401
     from torch.distributed.fsdp import fully_shard  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM  # noqa: F401
+
+    from trace_train.train import build_policy
 
     d = init_distributed()
     AutoTokenizer.from_pretrained(folder)

@@ -109,8 +109,11 @@ def shard(policy, d: Dist, compute_dtype: str = "", activation_checkpointing: bo
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if activation_checkpointing:
-        # non-reentrant checkpointing composes with FSDP2's hooks
-        policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant checkpointing composes with FSDP2's hooks (transformers 5 renamed the method)
+        if hasattr(policy.lm, "activation_checkpointing_enable"):
+            policy.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     meta = _is_meta(policy)
     if not meta:
         policy.to(d.device)

@@ -78,6 +78,7 @@ def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
     check_plain_lm_head_config(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_implementation())
+    model.tie_weights()  # from_pretrained ties after loading; here it must be done before sharding
     check_plain_lm_head(model)
     try:
         model.generation_config = GenerationConfig.from_pretrained(cfg.path)

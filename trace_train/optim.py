@@ -14,13 +14,14 @@ from .config import TrainConfig
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
     """The multiplier of lr at optimizer step `step` (0-based). Warmup: (step + 1) / warmup_steps, so the
     first step already moves; then 1 (constant) or a decay from 1 at step warmup_steps to min_lr_ratio at
-    step total_steps - 1 and after (cosine: half a cosine period; linear: a straight line)."""
+    step total_steps - 1 and after (cosine: half a cosine period; linear: a straight line); the first
+    step after warmup always has the full lr."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     span = total_steps - 1 - warmup_steps
-    progress = min(1.0, (step - warmup_steps) / span) if span > 0 else 1.0
+    progress = min(1.0, (step - warmup_steps) / span) if span > 0 else float(step > warmup_steps)
     if schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif schedule == "linear":
