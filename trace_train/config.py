@@ -61,7 +61,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "trace.api_timeout_s": (0, False, INF, False),
     "trace.api_retries": (0, True, INF, False),
     "trace.api_deadline_s": (0, False, INF, False),
-    "trace.api_max_reply_bytes": (1, True, INF, False),
+    "trace.api_max_reply_bytes": (0, False, INF, False),
 }
 
 
@@ -69,8 +69,11 @@ def _check_range(key: str, value) -> None:
     lo, lo_in, hi, hi_in = RANGES[key]
     ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)  # False for NaN
     if not ok:
-        interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
-        raise ValueError(f"{key} must be in {interval}, got {value!r}")
+        if hi == INF:
+            bound = f"{'>=' if lo_in else '>'} {lo}"
+        else:
+            bound = f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+        raise ValueError(f"{key} must be {bound}, got {value!r}")
 
 
 @dataclass
