@@ -343,3 +343,42 @@ def test_an_lm_head_bias_is_refused():
     model.lm_head = torch.nn.Linear(16, 32, bias=True)
     with pytest.raises(ValueError, match="lm_head.bias"):
         check_plain_lm_head(model)
+
+
+# ---- the memory plan
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_memory_plan_counts_the_parameters_of_a_real_model(tied):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trace_train.memory_plan import Arch
+
+    arch = Arch(hidden=32, layers=3, intermediate=48, heads=4, kv_heads=2, head_dim=16, vocab=50, tied=tied)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         tie_word_embeddings=tied))
+    assert arch.params() == sum(p.numel() for p in model.parameters())
+    assert arch.layer_params() == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_memory_plan_of_the_8b_recipe_fits_an_80gb_h100():
+    """The shipped 8B recipe on 8 x H100 80 GB (79.6 GiB usable) with 6 GiB reserved: it fits; accumulating
+    unsharded gradients (grad_sync = step) would add the whole model's fp32 gradient to every rank."""
+    from trace_train.memory_plan import ARCHS, GIB, fits, plan
+
+    cfg = load_config("qwen3-8b-trace-fkl")
+    arch = ARCHS["qwen3-8b"]
+    assert cfg.train.grad_sync == "micro_batch" and 8.19e9 < arch.params() < 8.20e9
+    result = plan(cfg, arch, world=8)
+    c = result["components"]
+    assert c["parameters (sharded, fp32 masters)"] == arch.params() * 4 / 8
+    assert c["AdamW exp_avg + exp_avg_sq (sharded)"] == arch.params() * 8 / 8
+    assert c["checkpointed layer inputs"] == 36 * 16384 * 4096 * 2
+    assert c["loss fp32 weight-gradient accumulator"] == 151936 * 4096 * 4
+    verdict = fits(result, gpu_gib=79.6, overhead_gib=6.0, vllm_fraction=0.35)
+    assert verdict["training"] and verdict["rollout"]
+    assert 40 < verdict["training_gib"] < 45  # 42.7 GiB
+    step = plan(load_config("qwen3-8b-trace-fkl", ["train.grad_sync=step"]), arch, world=8)
+    assert step["training_total"] - result["training_total"] == arch.params() * 4
+    assert step["training_total"] / GIB > 73  # within 1 GiB of the budget: not the recipe's choice

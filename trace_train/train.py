@@ -220,7 +220,6 @@ class Trainer:
         sums = dict.fromkeys(SUM_KEYS, 0.0)
         sums["dummies"] = float(n_micro - len(groups))
         self.policy.train()  # rollouts may have left it in eval mode; checkpointing needs training mode
-        self.opt.zero_grad(set_to_none=True)
         for g in range(n_micro):
             # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
             if t.grad_sync == "step":
@@ -231,6 +230,7 @@ class Trainer:
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
         sums["reward"] = s.rewards.sum().item()
         sums["finished"] = float(sum(s.ro.finished))
         sums["annotated"] = float(sum(1 for a in s.key if a) + sum(1 for a in s.err if a))
@@ -260,6 +260,8 @@ class Trainer:
             dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
             out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=self.snapshot,
                              teacher_needed=needed, temperature=t.temperature)
+        if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
+            self.snapshot.reshard()
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
