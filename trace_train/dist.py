@@ -122,7 +122,7 @@ def shard(policy, d: Dist, compute_dtype: str = "", activation_checkpointing: bo
     modules = [fully_shard(layer, mp_policy=mp) for layer in decoder_layers(policy.lm)]
     modules.append(fully_shard(policy, mp_policy=mp))
     # A plain SUM reduce-scatter (a divide factor of 1 alone would be NCCL's PREMUL_SUM, which gloo lacks).
-    # Both setters exist since torch 2.8; before, the reduction averages and the loss is scaled instead.
+    # On a torch without these setters the reduction averages and the loss is scaled by the world instead.
     sum_reduction = all(hasattr(m, "set_gradient_divide_factor") and hasattr(m, "set_force_sum_reduction_for_comms")
                         for m in modules)
     for m in modules if sum_reduction else ():
