@@ -1,7 +1,8 @@
 """Process group and FSDP2 sharding. `torchrun --nproc_per_node=K` sets the environment; a plain
 `python -m trace_train` is world size 1 and runs in a one-process group (in memory, no ports), so that the
 model is wrapped by the same `fully_shard` at every world size: mixed precision, gradient reduction and
-checkpoint layouts do not depend on how many processes run.
+checkpoint layouts do not depend on how many processes run. (Not torch.autocast for the single process:
+autocast picks a dtype per op, FSDP casts the parameters, so one process would compute differently from K.)
 
 gloo on the CPU (tests, the demo), NCCL on CUDA. Each rank owns whole prompt groups (advantages are per
 group), the loss normalisers are the global batch's, and gradients are summed, not averaged, across
