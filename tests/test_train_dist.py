@@ -100,13 +100,16 @@ def _weights_initial() -> dict[str, torch.Tensor]:
 
 
 def test_fsdp_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """A 2-rank run stopped after its step-2 checkpoint and resumed (DCP, sharded optimizer state and the
-    teacher snapshot) continues exactly as the uninterrupted 2-rank run."""
+    """A 2-rank run stopped after its step-2 checkpoint and resumed (DCP, sharded optimizer state, the
+    learning-rate schedule and the teacher snapshot) continues exactly as the uninterrupted 2-rank run."""
     common = ["train.algorithm=trace", "trace.reverse_kl=true", "trace.teacher=snapshot", "trace.snapshot_every=3",
-              "train.checkpoint_every=2", "train.export_hf=false"]
+              "train.checkpoint_every=2", "train.export_hf=false", "train.lr_schedule=linear", "train.warmup_steps=1",
+              "train.lr_decay_steps=5"]
     full = _launch(tmp_path / "full", 2, "train.max_steps=4", *common)
     _launch(tmp_path / "cut", 2, "train.max_steps=2", *common)
     resumed = _launch(tmp_path / "cut", 2, "train.max_steps=4", "train.resume=true", *common)
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(full, resumed):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["reward"] == b["reward"]
+        assert a["lr"] == b["lr"]
+    assert [m["lr"] for m in full] == pytest.approx([3e-4, 3e-4, 2e-4, 1e-4])  # warmup 1, then linear to 0 at step 4

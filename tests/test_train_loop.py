@@ -60,12 +60,17 @@ def test_trace_routes_spans_to_the_teacher(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full = run(_cfg(tmp_path / "a", "train.max_steps=4", "train.checkpoint_every=2"))
-    run(_cfg(tmp_path / "b", "train.max_steps=2", "train.checkpoint_every=2"))
-    resumed = run(_cfg(tmp_path / "b", "train.max_steps=4", "train.checkpoint_every=2", "train.resume=true"))
+    """With a warmup + cosine schedule (its state in the checkpoint) and weight decay."""
+    sched = ["train.checkpoint_every=2", "train.lr_schedule=cosine", "train.warmup_steps=1", "train.lr_decay_steps=4",
+             "train.weight_decay=0.1"]
+    full = run(_cfg(tmp_path / "a", "train.max_steps=4", *sched))
+    run(_cfg(tmp_path / "b", "train.max_steps=2", *sched))
+    resumed = run(_cfg(tmp_path / "b", "train.max_steps=4", "train.resume=true", *sched))
     assert [m["step"] for m in resumed] == [2, 3]
+    assert [m["lr"] for m in full] == pytest.approx([3e-4, 3e-4, 1.5e-4, 0.0])  # toy lr, warmup 1, cosine over 4
     for a, b in zip(full[2:], resumed):
         assert a["loss"] == b["loss"] and a["reward"] == b["reward"] and a["grad_norm"] == b["grad_norm"]
+        assert a["lr"] == b["lr"]
     assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 2, 3]
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("datasets")
 
 from trl_setup import PROMPTS, make_trainer, random_batch, save_tiny_model  # noqa: E402
 
-from trace_train.arith import Annotation  # noqa: E402
+from trace_train.annotate import Annotation  # noqa: E402
 from trace_train.integrations.trl import FORWARD, REVERSE, TraceGRPOConfig, TraceGRPOTrainer  # noqa: E402
 from trace_train.integrations.trl_loss import pg_weights, trl_token_loss  # noqa: E402
 

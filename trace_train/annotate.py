@@ -64,11 +64,19 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .arith import Annotation
-
 log = logging.getLogger(__name__)
 
 FAILURE_KINDS = ("timeout", "http", "parse", "other")
+
+
+@dataclass
+class Annotation:
+    """The spans of one response, as character ranges [start, end) of its text (the trainer maps them to
+    tokens through the tokenizer's offsets)."""
+
+    key_spans: list[tuple[int, int]]  # on a correct response: the decisive steps (the synthetic task: step results)
+    error_spans: list[tuple[int, int]]  # on an incorrect one: the first wrong or malformed step
+    diagnostic: str | None  # coarse type of the error (None when correct)
 
 
 class AnnotationError(ValueError):

@@ -16,6 +16,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from .annotate import Annotation  # the annotators' result type (also importable from here)
+
 OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
 STEP = re.compile(r"(\d)([+\-*])(\d)=(\d)")
 # Coarse diagnostic types given to the teacher (never the span text itself).
@@ -61,13 +63,6 @@ def parse_answer(response: str) -> int | None:
 
 def reward(response: str, problem: Problem) -> float:
     return 1.0 if parse_answer(response) == problem.answer else 0.0
-
-
-@dataclass
-class Annotation:
-    key_spans: list[tuple[int, int]]  # on a correct response: the step results
-    error_spans: list[tuple[int, int]]  # on an incorrect one: the first wrong or malformed step
-    diagnostic: str | None  # coarse type of the error (None when correct)
 
 
 def annotate(response: str, problem: Problem) -> Annotation:

@@ -18,6 +18,62 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 ALGORITHMS = ("grpo", "trace", "opd_all")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+INF = float("inf")
+
+# The range of every numeric key: (low, low included, high, high included). A key missing here fails
+# validation (tests/test_train_core.py checks that every int / float field has an entry).
+RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "model.tiny_layers": (1, True, INF, False),
+    "model.tiny_hidden": (1, True, INF, False),
+    "model.tiny_heads": (1, True, INF, False),
+    "data.min_ops": (1, True, INF, False),
+    "data.max_ops": (1, True, INF, False),
+    "data.pool_size": (0, True, INF, False),
+    "train.max_steps": (1, True, INF, False),
+    "train.seed": (0, True, INF, False),
+    "train.lr": (0, False, INF, False),
+    "train.prompts_per_step": (1, True, INF, False),
+    "train.rollouts_per_prompt": (1, True, INF, False),
+    "train.max_new_tokens": (1, True, INF, False),
+    "train.temperature": (0, False, INF, False),
+    "train.micro_batch_tokens": (0, True, INF, False),
+    "train.grad_clip": (0, False, INF, True),
+    "train.warmup_steps": (0, True, INF, False),
+    "train.min_lr_ratio": (0, True, 1, True),
+    "train.lr_decay_steps": (0, True, INF, False),
+    "train.weight_decay": (0, True, INF, False),
+    "train.adam_beta1": (0, True, 1, False),
+    "train.adam_beta2": (0, True, 1, False),
+    "train.adam_eps": (0, False, INF, False),
+    "train.checkpoint_every": (1, True, INF, False),
+    "train.keep_checkpoints": (0, True, INF, False),
+    "loss.clip_low": (0, True, 1, False),
+    "loss.clip_high": (0, True, INF, False),
+    "loss.beta": (0, True, INF, False),
+    "loss.kl_term_clip": (0, True, INF, False),
+    "trace.w0": (0, False, 1, True),
+    "trace.hold_steps": (0, True, INF, False),
+    "trace.decay_steps": (0, True, INF, False),
+    "trace.span_cap": (0, False, 1, True),
+    "trace.snapshot_every": (1, True, INF, False),
+    "trace.api_timeout_s": (0, False, INF, False),
+    "trace.api_retries": (0, True, INF, False),
+    "trace.api_deadline_s": (0, False, INF, False),
+    "trace.api_max_reply_bytes": (0, False, INF, False),
+}
+
+
+def _check_range(key: str, value) -> None:
+    lo, lo_in, hi, hi_in = RANGES[key]
+    ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)  # False for NaN
+    if not ok:
+        if hi == INF:
+            bound = f"{'>=' if lo_in else '>'} {lo}"
+        else:
+            bound = f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+        raise ValueError(f"{key} must be {bound}, got {value!r}")
 
 
 @dataclass
@@ -55,7 +111,17 @@ class TrainConfig:
     engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set)
     micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
     grad_clip: float = 1.0
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to min_lr_ratio * lr at max_steps)
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr over these steps
+    min_lr_ratio: float = 0.0  # cosine / linear: the final lr as a fraction of lr
+    lr_decay_steps: int = 0  # cosine / linear: the schedule's length in steps (warmup included); 0: max_steps
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_sync: str = "step"  # step: reduce gradients once per step (unsharded accumulation) | micro_batch
     checkpoint_every: int = 10
+    keep_checkpoints: int = 0  # keep the latest K step checkpoints (older ones removed); 0: keep all
     resume: bool = False
     export_hf: bool = True  # save the final policy as a Hugging Face folder (safetensors) in <output_dir>/hf
 
@@ -101,6 +167,15 @@ class Config:
     trace: TraceConfig = field(default_factory=TraceConfig)
 
     def validate(self) -> Config:
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            for f in dataclasses.fields(sub):
+                value = getattr(sub, f.name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    key = f"{section.name}.{f.name}"
+                    if key not in RANGES:
+                        raise ValueError(f"{key}: no range declared (config.RANGES)")
+                    _check_range(key, value)
         if self.train.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.loss.aggregation not in ("token-mean", "seq-mean-token-mean"):
@@ -109,31 +184,30 @@ class Config:
             raise ValueError(f"loss.kl_clip_mode: unknown {self.loss.kl_clip_mode!r} (value | grad)")
         if self.loss.advantage_norm not in ("std", "mean"):
             raise ValueError(f"loss.advantage_norm: unknown {self.loss.advantage_norm!r}")
-        if not 0 < self.trace.span_cap <= 1:
-            raise ValueError(f"trace.span_cap must be in (0, 1], got {self.trace.span_cap}")
-        if self.trace.w0 <= 0:
-            raise ValueError(f"trace.w0 must be > 0, got {self.trace.w0}")
         if self.data.task not in ("arith", "math"):
             raise ValueError(f"data.task: unknown {self.data.task!r} (arith | math)")
         if self.trace.annotator not in ("rule", "api", "self"):
             raise ValueError(f"trace.annotator: unknown {self.trace.annotator!r} (rule | api | self)")
         tc = self.trace
-        for name in ("api_timeout_s", "api_deadline_s", "api_max_reply_bytes"):
-            if not getattr(tc, name) > 0:
-                raise ValueError(f"trace.{name} must be > 0, got {getattr(tc, name)}")
-        if tc.api_retries < 0:
-            raise ValueError(f"trace.api_retries must be >= 0, got {tc.api_retries}")
         if tc.api_base_url and not tc.api_base_url.startswith(("http://", "https://")):
             raise ValueError(f"trace.api_base_url must start with http:// or https://, got {tc.api_base_url!r}")
         if self.trace.teacher not in ("live", "snapshot"):
             raise ValueError(f"trace.teacher: unknown {self.trace.teacher!r} (live | snapshot)")
         if self.train.engine not in ("auto", "hf", "vllm"):
             raise ValueError(f"train.engine: unknown {self.train.engine!r} (auto | hf | vllm)")
-        for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "checkpoint_every"):
-            if getattr(self.train, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
-        if self.train.temperature <= 0:
-            raise ValueError(f"train.temperature must be > 0, got {self.train.temperature}")
+        if self.train.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule: unknown {self.train.lr_schedule!r} ({' | '.join(LR_SCHEDULES)})")
+        if self.train.grad_sync not in ("step", "micro_batch"):
+            raise ValueError(f"train.grad_sync: unknown {self.train.grad_sync!r} (step | micro_batch)")
+        if self.model.dtype not in DTYPES:
+            raise ValueError(f"model.dtype: unknown {self.model.dtype!r} ({' | '.join(DTYPES)})")
+        if self.model.compute_dtype not in ("",) + DTYPES:
+            raise ValueError(f"model.compute_dtype: unknown {self.model.compute_dtype!r} ('' | {' | '.join(DTYPES)})")
+        if self.data.max_ops < self.data.min_ops:
+            raise ValueError(f"data.max_ops ({self.data.max_ops}) must be >= data.min_ops ({self.data.min_ops})")
+        if self.model.tiny_hidden % self.model.tiny_heads:
+            raise ValueError(f"model.tiny_hidden ({self.model.tiny_hidden}) must be a multiple of model.tiny_heads "
+                             f"({self.model.tiny_heads})")
         if self.trace.opd_all_direction not in ("forward", "reverse"):
             raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
         return self

@@ -5,6 +5,7 @@ the positions that predict response tokens (without computing logits). trace_tra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,24 +45,169 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         return Qwen3ForCausalLM(config).to(getattr(torch, cfg.dtype))
 
 
-def load_policy(cfg: ModelConfig, seed: int = 0):
-    """(model, tokenizer): from_pretrained on cfg.path (a local folder), else the tiny model."""
-    if cfg.path:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _attn_implementation() -> str:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
 
-        attn = "sdpa"
-        try:
-            import flash_attn  # noqa: F401
 
-            attn = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-        except ImportError:
-            pass
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype),
-                                                     attn_implementation=attn)
+def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
+    """(model, tokenizer): from_pretrained on cfg.path (a local folder), else the tiny model.
+
+    meta=True (cfg.path only): the model is built from its config with every parameter on the meta device
+    (no memory, no file read; buffers computed at construction stay real), to be sharded by
+    `dist.shard` and filled by `load_sharded_weights`, so that no process ever holds the full weights.
+    Either way a model whose logits are not hidden @ lm_head.weight.T is refused (`check_plain_lm_head`)."""
+    if not cfg.path:
+        tokenizer = build_char_tokenizer()
+        return build_tiny_model(cfg, tokenizer, seed), tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    dtype = getattr(torch, cfg.dtype)
+    if not meta:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=_attn_implementation())
+        check_plain_lm_head(model)
         return model, tokenizer
-    tokenizer = build_char_tokenizer()
-    return build_tiny_model(cfg, tokenizer, seed), tokenizer
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    config = AutoConfig.from_pretrained(cfg.path)
+    check_plain_lm_head_config(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_implementation())
+    model.tie_weights()  # from_pretrained ties after loading; here it must be done before sharding
+    check_plain_lm_head(model)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(cfg.path)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one derived from the config too
+        pass
+    return model, tokenizer
+
+
+# Config attributes that change the logits after the LM head: (name, the value that leaves them unchanged).
+# trace_loss computes the logits as hidden @ lm_head.weight.T from the final-norm hidden states, so any of
+# these would give a silently wrong loss.
+LOGIT_TRANSFORMS = (
+    ("final_logit_softcapping", None),  # Gemma 2 / 3: tanh(logits / c) * c
+    ("logit_scale", 1.0),  # Cohere, Cohere 2: logits * s
+    ("logits_scaling", 1.0),  # Granite: logits / s
+    ("output_logit_soft_cap", None),  # Recurrent Gemma
+)
+
+
+def check_plain_lm_head_config(config) -> None:
+    """ValueError naming the config attribute if the model's logits are not hidden @ lm_head.weight.T."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for name, neutral in LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, neutral)
+            if value is not None and value != neutral and not (neutral is None and value == 0):
+                raise ValueError(f"{type(config).__name__}.{name} = {value!r}: this model transforms its logits "
+                                 f"after the LM head, which trace_loss (logits = hidden @ lm_head.weight.T) does "
+                                 f"not support")
+
+
+def check_plain_lm_head(model) -> None:
+    """check_plain_lm_head_config, and the LM head itself: a plain Linear without bias."""
+    check_plain_lm_head_config(model.config)
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__}: no output embedding (lm_head) weight to compute logits with")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}.lm_head.bias is set: trace_loss computes logits as "
+                         f"hidden @ lm_head.weight.T without a bias")
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The safetensors weight files of a local Hugging Face folder."""
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"model.path {path!r}: sharded loading reads safetensors (model.safetensors or "
+                         f"model.safetensors.index.json), none found")
+    return [single]
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsRows:
+    """Row ranges of the tensors of one safetensors file, read with plain file reads (no memory map, so a
+    process's resident memory holds only what it asked for). The format: an 8-byte little-endian header
+    length, a JSON header {name: {dtype, shape, data_offsets}}, then the row-major data."""
+
+    def __init__(self, path: str):
+        import json
+
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            self.header = {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+        self.data_start = 8 + n
+
+    def read(self, name: str, start: int, rows: int, out: torch.Tensor) -> None:
+        """Copy rows [start, start + rows) of tensor `name` (all of a 0-d tensor) into `out` (cast)."""
+        meta = self.header[name]
+        dtype, shape = SAFETENSORS_DTYPES[meta["dtype"]], meta["shape"]
+        row_numel = math.prod(shape[1:]) if shape else 1
+        if tuple(out.shape) != ((rows, *shape[1:]) if shape else ()):
+            raise ValueError(f"{name}: file shape {shape}, rows {start}:{start + rows}, parameter shard "
+                             f"{tuple(out.shape)}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(out.shape, dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + meta["data_offsets"][0] + start * row_numel * itemsize)
+            view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{self.path}: truncated data for {name}")
+        if not direct:
+            out.copy_(buf)
+
+
+@torch.no_grad()
+def load_sharded_weights(model, path: str) -> None:
+    """Fill a sharded (FSDP2, Shard(0)) model's local shards from a Hugging Face folder: each process reads
+    only its own rows of each tensor from the safetensors files, cast to the parameter's dtype. A parameter
+    absent from the files is an error, unless it is tied to one that was loaded (the LM head of
+    tied-embedding models)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    where = {}
+    for f in map(_SafetensorsRows, _safetensors_files(path)):
+        where.update(dict.fromkeys(f.header, f))
+    loaded: set[int] = set()
+    missing = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in where:
+            missing.append((name, t))
+            continue
+        if isinstance(t, DTensor):
+            if len(t.placements) != 1 or t.placements[0] != Shard(0):
+                raise ValueError(f"{name}: expected FSDP's Shard(0) placement, got {t.placements}")
+            local = t.to_local()
+            n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+            chunk = -(-n // world)
+            start = min(n, rank * chunk)
+            where[name].read(name, start, min(n, start + chunk) - start, local)
+        else:
+            where[name].read(name, 0, t.shape[0] if t.dim() else 1, t)
+        loaded.add(id(t))
+    absent = [name for name, t in missing if id(t) not in loaded]
+    if absent:
+        raise ValueError(f"model.path {path!r}: no weights for {absent[:5]} in the safetensors files")
 
 
 @dataclass

@@ -15,8 +15,11 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -30,10 +33,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .annotate import FAILURE_KINDS, ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
 from .config import Config, load_config, save_config
-from .dist import Dist, init_distributed, shard, shutdown
-from .model import char_to_token_spans, load_policy, token_char_offsets
+from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
+from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
+from .optim import build_optimizer
 from .policy import Policy
-from .rollout import Sampling, make_engine
+from .rollout import Rollouts, Sampling, make_engine
 from .routing import Routing, cap_spans, group_advantages, lambda_at, route
 from .step import batch_loss, pack
 from .tasks import DataError, make_task
@@ -50,9 +54,18 @@ def rollout_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
     return ((seed * 1_000_003 + step) * 4 + stream) * 1_000_003 + index
 
 
-def build_policy(cfg: Config, d: Dist):
-    model, tok = load_policy(cfg.model, seed=cfg.train.seed)
+def build_policy(cfg: Config, d: Dist, weights_from=None):
+    """(policy, tokenizer), sharded by FSDP2 and in training mode. From a local folder the model is built on
+    the meta device, sharded, and each rank reads only its shards from the files (no rank holds the full
+    weights); weights_from: a policy of the same config to copy the shards from instead (the teacher
+    snapshot: the files are not read twice). The tiny in-process model is built whole, then sharded."""
+    meta = bool(cfg.model.path)
+    model, tok = load_policy(cfg.model, seed=cfg.train.seed, meta=meta)
     policy = shard(Policy(model), d, cfg.model.compute_dtype, cfg.model.activation_checkpointing)
+    if weights_from is not None:
+        sync_snapshot(policy, weights_from)
+    elif meta:
+        load_sharded_weights(policy.lm, cfg.model.path)
     return policy, tok
 
 
@@ -60,170 +73,243 @@ def run(cfg: Config) -> list[dict]:
     """Train; returns the metrics of the steps run (rank 0 also appends them to <output_dir>/metrics.jsonl)."""
     d = init_distributed()
     try:
-        return _run(cfg, d)
+        return Trainer(cfg, d).train()
     finally:
         shutdown()
 
 
-def _run(cfg: Config, d: Dist) -> list[dict]:
-    from tqdm import tqdm
+# The per-step sums every rank contributes (all-reduced once per step, in this order on every rank).
+SUM_KEYS = ("dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped",
+            "reward", "finished", "annotated") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
 
-    t, lc, tc = cfg.train, cfg.loss, cfg.trace
-    if t.prompts_per_step % d.world:
-        raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of the world size "
-                         f"({d.world}): each rank owns whole prompt groups")
-    metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
-    if d.main:
-        os.makedirs(t.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(t.output_dir, "config.toml"))
-    torch.manual_seed(t.seed)
-    policy, tok = build_policy(cfg, d)
-    task = make_task(cfg.data, tok)
-    snapshot = None
-    if tc.teacher == "snapshot" and t.algorithm != "grpo":
-        snapshot, _ = build_policy(cfg, d)
-        snapshot.requires_grad_(False)
-        sync_snapshot(snapshot, policy)
-    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=0.0)
-    engine = make_engine(t.engine, policy, tok, Sampling(t.max_new_tokens, t.temperature), synced=d.world > 1,
-                         model_path=cfg.model.path)
-    annotator = make_annotator(cfg, task, engine, tok) if t.algorithm == "trace" else None
-    start = load_checkpoint(policy, opt, snapshot, t.output_dir) if t.resume else 0
-    if d.main:
-        drop_metrics_from(metrics_path, start)
-    local_p = t.prompts_per_step // d.world
-    k = t.rollouts_per_prompt
-    history = []
-    all_failed_streak = 0
-    bar = tqdm(total=t.max_steps, initial=start, disable=not d.main, desc=t.algorithm, dynamic_ncols=True)
 
-    for step in range(start, t.max_steps):
-        t0 = time.perf_counter()
-        if snapshot is not None and step % tc.snapshot_every == 0:
-            sync_snapshot(snapshot, policy)
+@dataclass
+class StepRollouts:
+    """One step's rollouts on this rank, with rewards, advantages and (while lambda > 0) spans."""
+
+    ro: Rollouts
+    owners: list  # the example of each rollout
+    rewards: torch.Tensor  # [R]
+    advantages: torch.Tensor  # [R]
+    lens: list[int]
+    n_global: float  # response tokens over all ranks
+    b_global: float  # responses over all ranks
+    lam: float = 0.0
+    key: list = field(default_factory=list)
+    err: list = field(default_factory=list)
+    diagnostics: list = field(default_factory=list)
+    failures: dict = field(default_factory=dict)
+    annotating: bool = False
+    texts: list = field(default_factory=list)  # the decoded responses
+    first: int = 0  # the global index of this rank's first rollout
+
+
+class Trainer:
+    """The run, split the way torchtitan splits its trainer: `train` (the step loop: snapshot sync,
+    metrics, checkpoints), `train_step` (rollouts -> spans -> micro-batches -> optimizer step) and
+    `micro_batch` (one forward + backward); the metrics of a step are computed in `step_metrics` only."""
+
+    def __init__(self, cfg: Config, d: Dist):
+        t, tc = cfg.train, cfg.trace
+        if t.prompts_per_step % d.world:
+            raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of the world "
+                             f"size ({d.world}): each rank owns whole prompt groups")
+        self.cfg, self.d = cfg, d
+        self.metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
+        if d.main:
+            os.makedirs(t.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(t.output_dir, "config.toml"))
+        torch.manual_seed(t.seed)
+        self.policy, self.tok = build_policy(cfg, d)
+        self.task = make_task(cfg.data, self.tok)
+        self.snapshot = None
+        if tc.teacher == "snapshot" and t.algorithm != "grpo":
+            self.snapshot, _ = build_policy(cfg, d, weights_from=self.policy)
+            self.snapshot.requires_grad_(False)
+            self.snapshot.eval()  # a frozen teacher: no checkpointing (HF applies it in training mode only)
+        self.opt, self.sched = build_optimizer(self.policy.parameters(), t)
+        self.engine = make_engine(t.engine, self.policy, self.tok, Sampling(t.max_new_tokens, t.temperature),
+                                  synced=d.world > 1, model_path=cfg.model.path)
+        self.annotator = make_annotator(cfg, self.task, self.engine, self.tok) if t.algorithm == "trace" else None
+        self.start = (load_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, self.sched)
+                      if t.resume else 0)
+        if d.main:
+            drop_metrics_from(self.metrics_path, self.start)
+        self.all_failed_streak = 0
+
+    def train(self) -> list[dict]:
+        """The step loop; returns the metrics of the steps run."""
+        from tqdm import tqdm
+
+        t, d = self.cfg.train, self.d
+        history = []
+        bar = tqdm(total=t.max_steps, initial=self.start, disable=not d.main, desc=t.algorithm, dynamic_ncols=True)
+        for step in range(self.start, t.max_steps):
+            if self.snapshot is not None and step % self.cfg.trace.snapshot_every == 0:
+                sync_snapshot(self.snapshot, self.policy)
+            metrics = self.train_step(step)
+            history.append(metrics)
+            if d.main:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", lam=f"{metrics['lambda']:.2f}",
+                            len=f"{metrics['response_length']:.0f}", ent=f"{metrics['entropy']:.2f}")
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
+                save_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, step + 1, d, self.sched,
+                                keep=t.keep_checkpoints)
+        bar.close()
+        if t.export_hf and self.start < t.max_steps:
+            export_hf(self.policy, self.tok, os.path.join(t.output_dir, "hf"), d)
+        return history
+
+    def rollouts(self, step: int) -> StepRollouts:
+        """This rank's prompts, rollouts, rewards and group advantages, and the step's lambda."""
+        t, lc, tc, d, tok, task = self.cfg.train, self.cfg.loss, self.cfg.trace, self.d, self.tok, self.task
+        local_p, k = t.prompts_per_step // d.world, t.rollouts_per_prompt
         examples = task.examples(t.seed, step, t.prompts_per_step)[d.rank * local_p:(d.rank + 1) * local_p]
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in examples]
         first = d.rank * local_p * k
-        ro = engine.generate(prompts, k, [rollout_seed(t.seed, step, first + i) for i in range(local_p * k)])
+        ro = self.engine.generate(prompts, k, [rollout_seed(t.seed, step, first + i) for i in range(local_p * k)])
         owners = [examples[i // k] for i in range(len(ro.responses))]
         texts = [tok.decode(r, skip_special_tokens=True) for r in ro.responses]
         rewards = torch.tensor([task.reward(x, ex) for x, ex in zip(texts, owners)], dtype=torch.float32)
         advantages = group_advantages(rewards.view(local_p, k), lc.advantage_norm).reshape(-1)
         lens = [len(r) for r in ro.responses]
         n_global, b_global = d.all_sum([sum(lens), len(lens)])
-        t_rollout = time.perf_counter() - t0
-
-        # Spans, only for TRACE and only while lambda > 0 (the annotator is not called afterwards).
         lam = 0.0 if t.algorithm == "grpo" else lambda_at(step, tc.w0, tc.hold_steps, tc.decay_steps)
-        key, err, diagnostics, failures = [[] for _ in lens], [[] for _ in lens], [None] * len(lens), {}
-        annotating = lam > 0 and t.algorithm == "trace"
-        if annotating:
-            jobs = [Job(ex.problem, x, bool(r)) for x, ex, r in zip(texts, owners, rewards.tolist())]
-            seeds = [rollout_seed(t.seed, step, first + i, stream=1) for i in range(len(jobs))]
-            # Every failure is caught per job inside the annotator; what follows runs on validated spans,
-            # so an exception in it is a bug of ours and stops the run.
-            annotations, failures = annotator(jobs, owners, seeds)
-            for i, a in enumerate(annotations):
-                if a is None:
-                    continue
-                offsets = token_char_offsets(tok, ro.responses[i])
-                key[i] = cap_spans(char_to_token_spans(a.key_spans, offsets), lens[i], tc.span_cap)
-                err[i] = cap_spans(char_to_token_spans(a.error_spans, offsets), lens[i], tc.span_cap)
-                diagnostics[i] = a.diagnostic
+        return StepRollouts(ro, owners, rewards, advantages, lens, n_global, b_global, lam, key=[[] for _ in lens],
+                            err=[[] for _ in lens], diagnostics=[None] * len(lens), texts=texts, first=first)
+
+    def annotate(self, step: int, s: StepRollouts) -> None:
+        """Spans, only for TRACE and only while lambda > 0 (the annotator is not called afterwards)."""
+        t, tc, tok = self.cfg.train, self.cfg.trace, self.tok
+        s.annotating = s.lam > 0 and t.algorithm == "trace"
+        if not s.annotating:
+            return
+        jobs = [Job(ex.problem, x, bool(r)) for x, ex, r in zip(s.texts, s.owners, s.rewards.tolist())]
+        seeds = [rollout_seed(t.seed, step, s.first + i, stream=1) for i in range(len(jobs))]
+        # Every failure is caught per job inside the annotator; what follows runs on validated spans,
+        # so an exception in it is a bug of ours and stops the run.
+        annotations, s.failures = self.annotator(jobs, s.owners, seeds)
+        for i, a in enumerate(annotations):
+            if a is None:
+                continue
+            offsets = token_char_offsets(tok, s.ro.responses[i])
+            s.key[i] = cap_spans(char_to_token_spans(a.key_spans, offsets), s.lens[i], tc.span_cap)
+            s.err[i] = cap_spans(char_to_token_spans(a.error_spans, offsets), s.lens[i], tc.span_cap)
+            s.diagnostics[i] = a.diagnostic
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step: rollouts, spans, every micro-batch's forward and backward (gradients reduced
+        once, on the last), clipping, AdamW and the schedule; returns the step's metrics."""
+        t, d, tok, task = self.cfg.train, self.d, self.tok, self.task
+        t0 = time.perf_counter()
+        s = self.rollouts(step)
+        t_rollout = time.perf_counter() - t0
+        self.annotate(step, s)
         t_annotate = time.perf_counter() - t0 - t_rollout
 
         # Micro-batches by token budget; every rank runs as many (empty ones on a dummy) and the teacher
         # whenever any rank needs it, so that FSDP's collectives line up.
         teacher_prompts = ([tok(task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
-                            for ex, dg in zip(owners, diagnostics)] if lam > 0 else [[] for _ in lens])
-        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(ro.prompts, teacher_prompts, lens)]
+                            for ex, dg in zip(s.owners, s.diagnostics)] if s.lam > 0 else [[] for _ in s.lens])
+        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(s.ro.prompts, teacher_prompts, s.lens)]
         groups = pack(sizes, t.micro_batch_tokens)
         n_micro = int(d.all_max([len(groups)])[0])
-        opt.zero_grad(set_to_none=True)
-        sums = dict(dummies=float(n_micro - len(groups)), loss=0.0, entropy=0.0, fkl=0.0, fkl_n=0.0, rkl=0.0,
-                    rkl_n=0.0, kl_rows=0.0, teacher=0.0, clipped=0.0)
+        sums = dict.fromkeys(SUM_KEYS, 0.0)
+        sums["dummies"] = float(n_micro - len(groups))
+        self.policy.train()  # rollouts may have left it in eval mode; checkpointing needs training mode
         for g in range(n_micro):
-            idx = groups[g] if g < len(groups) else []
-            routing = route([lens[i] for i in idx], [bool(rewards[i]) for i in idx], [key[i] for i in idx],
-                            [err[i] for i in idx], algorithm=t.algorithm, lam=lam, w0=tc.w0,
-                            forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl,
-                            opd_all_direction=tc.opd_all_direction, aggregation=lc.aggregation,
-                            global_responses=int(b_global), global_tokens=int(n_global))
-            needed = d.all_max([float(routing.has_kl)])[0] > 0
-            if idx:
-                out = batch_loss(policy, tok.pad_token_id, [ro.prompts[i] for i in idx],
-                                 [ro.responses[i] for i in idx], advantages[idx], routing, lc,
-                                 teacher_prompts=[teacher_prompts[i] for i in idx], snapshot=snapshot,
-                                 teacher_needed=needed, temperature=t.temperature)
-            else:  # a rank with fewer micro-batches: a one-token, zero-weight dummy
-                pad = tok.pad_token_id
-                dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
-                out = batch_loss(policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=snapshot,
-                                 teacher_needed=needed, temperature=t.temperature)
-            # Each rank's loss is its share of one global loss: gradients are summed over ranks, and
-            # FSDP's reduce-scatter averages, hence the factor.
-            (out.loss * d.world).backward()
-            sums["loss"] += out.loss.item()
-            sums["entropy"] += out.entropy.sum().item() if idx else 0.0
-            if idx:
-                sampler_lp = torch.cat([ro.logprobs[i] for i in idx]).to(out.logprobs.device)
-                ratio = torch.exp(out.logprobs - sampler_lp)
-                sums["clipped"] += ((ratio < 1 - lc.clip_low) | (ratio > 1 + lc.clip_high)).sum().item()
-                for name, w in (("fkl", routing.fkl_weight_M), ("rkl", routing.rkl_weight_M)):
-                    vals = getattr(out, name)
-                    if vals is not None:
-                        rows = (w > 0).to(vals.device)
-                        sums[name] += vals[rows].sum().item()
-                        sums[name + "_n"] += rows.sum().item()
-                sums["kl_rows"] += routing.kl_index_M.numel()
-                sums["teacher"] += len(routing.teacher_responses)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
+            # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
+            if t.grad_sync == "step":
+                set_gradient_sync(self.policy, g == n_micro - 1)
+            self.micro_batch(s, groups[g] if g < len(groups) else [], teacher_prompts, sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        opt.step()
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
+        sums["reward"] = s.rewards.sum().item()
+        sums["finished"] = float(sum(s.ro.finished))
+        sums["annotated"] = float(sum(1 for a in s.key if a) + sum(1 for a in s.err if a))
+        for kind in FAILURE_KINDS:
+            sums[f"annotator_failures/{kind}"] = float(s.failures.get(kind, 0))
+        return self.step_metrics(step, s, sums, grad_norm.item(), lr, n_micro,
+                                 dict(time_rollout_s=t_rollout, time_annotate_s=t_annotate,
+                                      time_train_s=time.perf_counter() - t0 - t_rollout - t_annotate))
 
-        names = ["dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped"]
-        # a fixed list of kinds: every rank runs the same collective whatever failed where
-        local = [sums[n] for n in names] + [rewards.sum().item(), float(sum(ro.finished)),
-                                            float(sum(1 for a in key if a) + sum(1 for a in err if a))]
-        local += [float(failures.get(kind, 0)) for kind in FAILURE_KINDS]
-        fail_names = [f"annotator_failures/{kind}" for kind in FAILURE_KINDS]
-        tot = dict(zip(names + ["reward", "finished", "annotated"] + fail_names, d.all_sum(local)))
+    def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict) -> None:
+        """Forward and backward of the rollouts `idx` (empty: a one-token, zero-weight dummy, for a rank with
+        fewer micro-batches than another); adds this micro-batch's sums."""
+        t, lc, tc, d = self.cfg.train, self.cfg.loss, self.cfg.trace, self.d
+        routing = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
+                        [s.err[i] for i in idx], algorithm=t.algorithm, lam=s.lam, w0=tc.w0,
+                        forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl,
+                        opd_all_direction=tc.opd_all_direction, aggregation=lc.aggregation,
+                        global_responses=int(s.b_global), global_tokens=int(s.n_global))
+        needed = d.all_max([float(routing.has_kl)])[0] > 0
+        if idx:
+            out = batch_loss(self.policy, self.tok.pad_token_id, [s.ro.prompts[i] for i in idx],
+                             [s.ro.responses[i] for i in idx], s.advantages[idx], routing, lc,
+                             teacher_prompts=[teacher_prompts[i] for i in idx], snapshot=self.snapshot,
+                             teacher_needed=needed, temperature=t.temperature)
+        else:
+            pad = self.tok.pad_token_id
+            dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
+            out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=self.snapshot,
+                             teacher_needed=needed, temperature=t.temperature)
+        if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
+            self.snapshot.reshard()
+        # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
+        # factor is 1; loss_scale is the world size only where that cannot be set).
+        (out.loss * self.policy.loss_scale).backward()
+        sums["loss"] += out.loss.item()
+        if not idx:
+            return
+        sums["entropy"] += out.entropy.sum().item()
+        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]).to(out.logprobs.device)
+        ratio = torch.exp(out.logprobs - sampler_lp)
+        sums["clipped"] += ((ratio < 1 - lc.clip_low) | (ratio > 1 + lc.clip_high)).sum().item()
+        for name, w in (("fkl", routing.fkl_weight_M), ("rkl", routing.rkl_weight_M)):
+            vals = getattr(out, name)
+            if vals is not None:
+                rows = (w > 0).to(vals.device)
+                sums[name] += vals[rows].sum().item()
+                sums[name + "_n"] += rows.sum().item()
+        sums["kl_rows"] += routing.kl_index_M.numel()
+        sums["teacher"] += len(routing.teacher_responses)
+
+    def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
+                     times: dict) -> dict:
+        """The step's metrics from every rank's sums (one all-reduce, the same on every rank)."""
+        t, d = self.cfg.train, self.d
+        tot = dict(zip(SUM_KEYS, d.all_sum([sums[k] for k in SUM_KEYS])))
+        fail_names = [k for k in SUM_KEYS if k.startswith("annotator_failures/")]
         n_failed = int(sum(tot[n] for n in fail_names))
-        if annotating:
-            all_failed_streak = all_failed_streak + 1 if n_failed == b_global else 0
-            if all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:
+        b, n = s.b_global, s.n_global
+        if s.annotating:
+            self.all_failed_streak = self.all_failed_streak + 1 if n_failed == b else 0
+            if self.all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:
                 log.warning("!!! step %d: every annotation job failed on %d annotated steps in a row: no spans, no "
                             "KL, so this TRACE run is training as plain GRPO. Check the annotator "
-                            "(annotator_failures/* in %s, the lines above).", step, all_failed_streak, metrics_path)
-        metrics = {
-            "step": step, "algorithm": t.algorithm, "loss": tot["loss"], "lambda": lam,
-            "reward": tot["reward"] / b_global, "accuracy": tot["reward"] / b_global,
-            "entropy": tot["entropy"] / n_global, "response_length": n_global / b_global,
-            "truncated": 1.0 - tot["finished"] / b_global,
+                            "(annotator_failures/* in %s, the lines above).", step, self.all_failed_streak,
+                            self.metrics_path)
+        return {
+            "step": step, "algorithm": t.algorithm, "loss": tot["loss"], "lambda": s.lam,
+            "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
+            "entropy": tot["entropy"] / n, "response_length": n / b,
+            "truncated": 1.0 - tot["finished"] / b,
             "fkl": tot["fkl"] / tot["fkl_n"] if tot["fkl_n"] else None,
             "rkl": tot["rkl"] / tot["rkl_n"] if tot["rkl_n"] else None,
-            "span_fraction": tot["kl_rows"] / n_global, "teacher_rollouts": int(tot["teacher"]),
+            "span_fraction": tot["kl_rows"] / n, "teacher_rollouts": int(tot["teacher"]),
             "annotated_rollouts": int(tot["annotated"]), "annotator_failures": n_failed,
-            **{n: int(tot[n]) for n in fail_names},
-            "annotator_all_failed_streak": all_failed_streak if annotating else 0,
-            "clip_fraction": tot["clipped"] / n_global, "grad_norm": grad_norm.item(), "micro_batches": n_micro,
-            "dummy_micro_batches": int(tot["dummies"]),
-            "time_rollout_s": t_rollout, "time_annotate_s": t_annotate,
-            "time_train_s": time.perf_counter() - t0 - t_rollout - t_annotate,
+            **{k: int(tot[k]) for k in fail_names},
+            "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
+            "clip_fraction": tot["clipped"] / n, "grad_norm": grad_norm, "lr": lr, "micro_batches": n_micro,
+            "dummy_micro_batches": int(tot["dummies"]), **times,
         }
-        history.append(metrics)
-        if d.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", lam=f"{lam:.2f}", len=f"{metrics['response_length']:.0f}",
-                        ent=f"{metrics['entropy']:.2f}")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
-            save_checkpoint(policy, opt, snapshot, t.output_dir, step + 1, d)
-    bar.close()
-    if t.export_hf and start < t.max_steps:
-        export_hf(policy, tok, os.path.join(t.output_dir, "hf"), d)
-    return history
 
 
 def make_annotator(cfg: Config, task, engine, tok):
@@ -248,41 +334,67 @@ def sync_snapshot(snapshot, policy) -> None:
         s.copy_(p)
 
 
-def _state(policy, opt, snapshot) -> dict:
+def _state(policy, opt, snapshot, sched=None) -> dict:
     model_sd, optim_sd = get_state_dict(policy, opt)
     state = {"model": model_sd, "optim": optim_sd}
     if snapshot is not None:
         state["snapshot"] = get_model_state_dict(snapshot)
+    if sched is not None:
+        state["scheduler"] = sched.state_dict()
     return state
 
 
-def save_checkpoint(policy, opt, snapshot, out_dir: str, next_step: int, d: Dist) -> None:
-    """DCP checkpoint of model, optimizer (and teacher snapshot), then the step marker, written last by rank 0:
-    a crash mid-save leaves the previous checkpoint as the one resumed from. Data position and sampling are
-    functions of the step, so the step is all the loop's state besides these."""
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})$")
+
+
+def save_checkpoint(policy, opt, snapshot, out_dir: str, next_step: int, d: Dist, sched=None, keep: int = 0) -> None:
+    """DCP checkpoint of model, optimizer, scheduler (and teacher snapshot), then the step marker, written last
+    by rank 0: a crash mid-save leaves the previous checkpoint as the one resumed from. Data position and
+    sampling are functions of the step, so the step is all the loop's state besides these.
+
+    keep > 0: once the marker names the new checkpoint, step checkpoints other than the latest `keep` are
+    removed (a crash between the two leaves extra ones, never fewer)."""
     path = os.path.join(out_dir, f"checkpoint-{next_step:06d}")
-    dcp.save(_state(policy, opt, snapshot), checkpoint_id=path)
+    dcp.save(_state(policy, opt, snapshot, sched), checkpoint_id=path)
     d.barrier()
     if d.main:
         tmp = os.path.join(out_dir, "latest.tmp")
         with open(tmp, "w") as f:
             json.dump({"next_step": next_step, "path": path}, f)
         os.replace(tmp, os.path.join(out_dir, "latest.json"))
+        if keep > 0:
+            prune_checkpoints(out_dir, keep, protect=path)
     d.barrier()
 
 
-def load_checkpoint(policy, opt, snapshot, out_dir: str) -> int:
+def prune_checkpoints(out_dir: str, keep: int, protect: str) -> list[str]:
+    """Remove the step checkpoints of out_dir but the `keep` latest (and `protect`, the one latest.json
+    names); returns the removed paths."""
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(out_dir)
+                   if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(out_dir, name)))
+    removed = []
+    for _, name in steps[:-keep]:
+        path = os.path.join(out_dir, name)
+        if os.path.abspath(path) != os.path.abspath(protect):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def load_checkpoint(policy, opt, snapshot, out_dir: str, sched=None) -> int:
     """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
     marker = os.path.join(out_dir, "latest.json")
     if not os.path.exists(marker):
         return 0
     with open(marker) as f:
         latest = json.load(f)
-    state = _state(policy, opt, snapshot)
+    state = _state(policy, opt, snapshot, sched)
     dcp.load(state, checkpoint_id=latest["path"])
     set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if snapshot is not None:
         set_model_state_dict(snapshot, state["snapshot"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
     return latest["next_step"]
 
 

@@ -96,7 +96,7 @@ class TraceGRPOTrainer(GRPOTrainer):
 
     Built exactly like `GRPOTrainer`. With a `TraceGRPOConfig` also pass
     annotator(jobs: list[Job], examples: list[dict], seeds: list[int]) -> (annotations, failures): one
-        `Annotation` (character key_spans / error_spans / diagnostic, see trace_train.arith) or None per
+        `Annotation` (character key_spans / error_spans / diagnostic, see trace_train.annotate) or None per
         job; failures an int or a mapping kind -> count (trace_train.annotate's annotators fit);
     privileged_prompt(example: dict, diagnostic: str | None) -> prompt in the dataset's prompt format
         (text or chat messages): the problem with its reference solution and, for an incorrect rollout, the
