@@ -54,6 +54,8 @@ class TrainConfig:
     temperature: float = 1.0
     engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set)
     micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
+    packing: bool = True  # padding-free micro-batches (sequences concatenated, position_ids restart); false: padded
+    packing_row_tokens: int = 0  # packed row width with sdpa/eager (dense masks); 0: the longest sequence
     grad_clip: float = 1.0
     checkpoint_every: int = 10
     resume: bool = False
@@ -129,6 +131,8 @@ class Config:
         for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "checkpoint_every"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        if self.train.packing_row_tokens < 0:
+            raise ValueError(f"train.packing_row_tokens must be >= 0, got {self.train.packing_row_tokens}")
         if self.train.temperature <= 0:
             raise ValueError(f"train.temperature must be > 0, got {self.train.temperature}")
         if self.trace.opd_all_direction not in ("forward", "reverse"):

@@ -154,12 +154,14 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
                 out = batch_loss(policy, tok.pad_token_id, [ro.prompts[i] for i in idx],
                                  [ro.responses[i] for i in idx], advantages[idx], routing, lc,
                                  teacher_prompts=[teacher_prompts[i] for i in idx], snapshot=snapshot,
-                                 teacher_needed=needed, temperature=t.temperature)
+                                 teacher_needed=needed, temperature=t.temperature, packing=t.packing,
+                                 packing_row_tokens=t.packing_row_tokens)
             else:  # a rank with fewer micro-batches: a one-token, zero-weight dummy
                 pad = tok.pad_token_id
                 dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
                 out = batch_loss(policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=snapshot,
-                                 teacher_needed=needed, temperature=t.temperature)
+                                 teacher_needed=needed, temperature=t.temperature, packing=t.packing,
+                                 packing_row_tokens=t.packing_row_tokens)
             # Each rank's loss is its share of one global loss: gradients are summed over ranks, and
             # FSDP's reduce-scatter averages, hence the factor.
             (out.loss * d.world).backward()
