@@ -101,7 +101,7 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
         t0 = time.perf_counter()
         if snapshot is not None and step % tc.snapshot_every == 0:
             sync_snapshot(snapshot, policy)
-        examples = task.examples(t.seed, step, t.prompts_per_step)[d.rank * local_p:(d.rank + 1) * local_p]
+        examples = task.examples(t.seed, step, t.prompts_per_step, d.rank * local_p, (d.rank + 1) * local_p)
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in examples]
         first = d.rank * local_p * k
         ro = engine.generate(prompts, k, [rollout_seed(t.seed, step, first + i) for i in range(local_p * k)])
