@@ -10,6 +10,7 @@ The shipped configs live in the package (`trace_train/configs/*.toml`), so they 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import tomllib
@@ -128,6 +129,9 @@ class Config:
             raise ValueError(f"trace.teacher: unknown {self.trace.teacher!r} (live | snapshot)")
         if self.train.engine not in ("auto", "hf", "vllm"):
             raise ValueError(f"train.engine: unknown {self.train.engine!r} (auto | hf | vllm)")
+        if self.train.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm); "auto" or "hf" '
+                             "use Hugging Face generate")
         for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "checkpoint_every"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")

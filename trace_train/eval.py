@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     try:
         policy, tok = load_for_eval(a.model, a.dtype, d.device)
         sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
-        engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model)
+        engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model, dtype=a.dtype)
         if a.files:
             task.tokenizer = tok  # for the chat template
             examples = task.items[:a.n]

@@ -86,7 +86,7 @@ def _run(cfg: Config, d: Dist) -> list[dict]:
         sync_snapshot(snapshot, policy)
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=0.0)
     engine = make_engine(t.engine, policy, tok, Sampling(t.max_new_tokens, t.temperature), synced=d.world > 1,
-                         model_path=cfg.model.path)
+                         model_path=cfg.model.path, dtype=cfg.model.compute_dtype or cfg.model.dtype)
     annotator = make_annotator(cfg, task, engine, tok) if t.algorithm == "trace" else None
     start = load_checkpoint(policy, opt, snapshot, t.output_dir) if t.resume else 0
     if d.main:
