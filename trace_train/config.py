@@ -10,6 +10,7 @@ The shipped configs live in the package (`trace_train/configs/*.toml`), so they 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import tomllib
@@ -39,6 +40,7 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.max_new_tokens": (1, True, INF, False),
     "train.temperature": (0, False, INF, False),
     "train.micro_batch_tokens": (0, True, INF, False),
+    "train.packing_row_tokens": (0, True, INF, False),
     "train.grad_clip": (0, False, INF, True),
     "train.warmup_steps": (0, True, INF, False),
     "train.min_lr_ratio": (0, True, 1, True),
@@ -110,6 +112,8 @@ class TrainConfig:
     temperature: float = 1.0
     engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set)
     micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
+    packing: bool = True  # padding-free micro-batches (sequences concatenated, position_ids restart); false: padded
+    packing_row_tokens: int = 0  # packed row width with sdpa/eager (dense masks); 0: the longest sequence
     grad_clip: float = 1.0
     lr_schedule: str = "constant"  # constant | cosine | linear (decay to min_lr_ratio * lr at max_steps)
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr over these steps
@@ -208,6 +212,9 @@ class Config:
         if self.model.tiny_hidden % self.model.tiny_heads:
             raise ValueError(f"model.tiny_hidden ({self.model.tiny_hidden}) must be a multiple of model.tiny_heads "
                              f"({self.model.tiny_heads})")
+        if self.train.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm); "auto" or "hf" '
+                             "use Hugging Face generate")
         if self.trace.opd_all_direction not in ("forward", "reverse"):
             raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
         return self

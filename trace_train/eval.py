@@ -2,9 +2,13 @@
 
     python -m trace_train.eval --model runs/x/hf --files test.jsonl [--k 4] [--out scores.json]
     python -m trace_train.eval --model runs/x/hf --arith-ops 4-6 --n 200     # the synthetic task
+    torchrun --nproc_per_node=K -m trace_train.eval --model runs/x/hf --arith-ops 4-6 --problems 200
+                                              # problems sharded over K ranks (torchrun reads `--n` as its own)
 
 Sampling defaults are the paper's evaluation settings (temperature 0.6, top-p 0.95, top-k 20); the rollouts
-come from the same engines as training (HF generate here; vLLM on CUDA when installed).
+come from the same engines as training (HF generate here; vLLM on CUDA when installed). Under torchrun each
+rank scores a contiguous share of the problems and the results are gathered: rollout i of problem j draws
+with the seed of its global index, so K ranks score exactly what one process scores.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import torch
 
 from .config import ModelConfig
+from .dist import Dist, init_distributed, shutdown
 from .model import load_policy
 from .policy import Policy
 from .rollout import Sampling, make_engine
@@ -24,31 +29,57 @@ from .tasks import ArithTask, DataError, Example, MathTask, Task
 PAPER_SAMPLING = Sampling(max_new_tokens=2048, temperature=0.6, top_k=20, top_p=0.95)
 
 
-def evaluate(engine, tok, task: Task, examples: list[Example], k: int, seed: int = 0,
-             prompts_per_batch: int = 64) -> dict:
-    """avg@k accuracy, pass@k, mean response length and truncation rate over `examples`."""
-    if not examples:
-        raise ValueError("examples: nothing to evaluate")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of the n problems that `rank` of `world` scores: contiguous, sizes differing by at most one."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def score_share(engine, tok, task: Task, examples: list[Example], k: int, seed: int, lo: int, hi: int,
+                prompts_per_batch: int = 64) -> tuple[list[float], list[int], list[bool]]:
+    """(rewards, lengths, finished) of the k rollouts of each of examples[lo:hi], problem-major; rollout i of
+    problem j samples with the seed of its global index j * k + i, whichever process scores it."""
     rewards, lengths, finished = [], [], []
-    for b in range(0, len(examples), prompts_per_batch):
-        chunk = examples[b:b + prompts_per_batch]
+    for b in range(lo, hi, prompts_per_batch):
+        chunk = examples[b:min(b + prompts_per_batch, hi)]
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in chunk]
         ro = engine.generate(prompts, k, [seed * 1_000_003 + b * k + i for i in range(len(chunk) * k)])
         for i, resp in enumerate(ro.responses):
             rewards.append(task.reward(tok.decode(resp, skip_special_tokens=True), chunk[i // k]))
             lengths.append(len(resp))
             finished.append(ro.finished[i])
-    r = torch.tensor(rewards).view(len(examples), k)
+    return rewards, lengths, finished
+
+
+def evaluate(engine, tok, task: Task, examples: list[Example], k: int, seed: int = 0,
+             prompts_per_batch: int = 64, d: Dist | None = None) -> dict:
+    """avg@k accuracy, pass@k, mean response length and truncation rate over `examples`. d: under torchrun,
+    this rank scores its share (shard_bounds) and every rank returns the scores of all problems."""
+    if not examples:
+        raise ValueError("examples: nothing to evaluate")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    d = d or Dist()
+    lo, hi = shard_bounds(len(examples), d.rank, d.world)
+    share = score_share(engine, tok, task, examples, k, seed, lo, hi, prompts_per_batch)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * d.world
+        dist.all_gather_object(parts, share)  # rank order = problem order
+        share = tuple([x for part in parts for x in part[f]] for f in range(3))
+    return summarize(*share, problems=len(examples), k=k)
+
+
+def summarize(rewards: list[float], lengths: list[int], finished: list[bool], problems: int, k: int) -> dict:
+    r = torch.tensor(rewards, dtype=torch.float32).view(problems, k)
     return {"avg_at_k": r.mean().item(), "pass_at_k": (r.max(dim=1).values > 0).float().mean().item(),
-            "k": k, "problems": len(examples), "response_length": sum(lengths) / len(lengths),
+            "k": k, "problems": problems, "response_length": sum(lengths) / len(lengths),
             "truncated": 1.0 - sum(finished) / len(finished)}
 
 
-def load_for_eval(path: str, dtype: str = "float32"):
+def load_for_eval(path: str, dtype: str = "float32", device=None):
     model, tok = load_policy(ModelConfig(path=path, dtype=dtype))
-    policy = Policy(model).to("cuda" if torch.cuda.is_available() else "cpu")
+    policy = Policy(model).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy, tok
 
 
@@ -58,7 +89,8 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--files", help="comma-separated .jsonl/.parquet with problem, solution, answer")
     src.add_argument("--arith-ops", help="the synthetic task with this many operations, e.g. 4-6")
-    p.add_argument("--n", type=int, default=200, help="problems (synthetic task; files: at most this many)")
+    p.add_argument("--problems", "--n", dest="n", type=int, default=200,
+                   help="problems (synthetic task; files: at most this many); spell it --problems under torchrun")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--temperature", type=float, default=PAPER_SAMPLING.temperature)
     p.add_argument("--top-p", type=float, default=PAPER_SAMPLING.top_p)
@@ -75,21 +107,26 @@ def main(argv=None) -> int:
         except DataError as e:
             print(f"data error: {e}", file=sys.stderr)
             return 2
-    policy, tok = load_for_eval(a.model, a.dtype)
-    sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
-    engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model)
-    if a.files:
-        task.tokenizer = tok  # for the chat template
-        examples = task.items[:a.n]
-    else:
-        lo, _, hi = a.arith_ops.partition("-")
-        task = ArithTask(int(lo), int(hi or lo))
-        examples = task.examples(a.seed, 0, a.n)
-    scores = evaluate(engine, tok, task, examples, a.k, a.seed)
-    print(json.dumps(scores, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(scores, f, indent=1)
+    d = init_distributed()
+    try:
+        policy, tok = load_for_eval(a.model, a.dtype, d.device)
+        sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
+        engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model, dtype=a.dtype)
+        if a.files:
+            task.tokenizer = tok  # for the chat template
+            examples = task.items[:a.n]
+        else:
+            lo, _, hi = a.arith_ops.partition("-")
+            task = ArithTask(int(lo), int(hi or lo))
+            examples = task.examples(a.seed, 0, a.n)
+        scores = evaluate(engine, tok, task, examples, a.k, a.seed, d=d)
+        if d.main:
+            print(json.dumps(scores, indent=1))
+            if a.out:
+                with open(a.out, "w") as f:
+                    json.dump(scores, f, indent=1)
+    finally:
+        shutdown()
     return 0
 
 

@@ -212,27 +212,47 @@ def load_sharded_weights(model, path: str) -> None:
 
 @dataclass
 class Batch:
-    """B sequences prompt_b + response_b, right-padded to T. The N = sum_b L_b loss rows are the positions
-    that predict the response tokens: row (b, j) is position prompt_len_b - 1 + j, its target response_b[j]."""
+    """B sequences prompt_b + response_b and the N = sum_b L_b loss rows: row (b, j), the position predicting
+    response_b[j] (position prompt_len_b - 1 + j of sequence b), as an index into input_ids.reshape(-1).
 
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    rows: torch.Tensor  # [N] positions in the flattened [B * T]
+    Two layouts, the same rows in the same order (b-major), so targets and the loss see no difference:
+    - padded: [B, T], sequence b in row b, right-padded to the longest; attention_mask marks the tokens.
+    - packed (padding-free): [R, W], sequences concatenated along rows with position_ids restarting at 0 at each
+      one and attention_mask None; transformers then builds the block-diagonal causal mask from position_ids
+      (sdpa / eager / flex) or calls flash-attn's varlen kernel (flash_attention_*). R = 1 for varlen kernels;
+      for dense-mask kernels, sequences filled first-fit-decreasing into rows of at most the longest sequence's
+      tokens (by default), so the mask (R x W x W) is never larger than the padded one (B x T x T). A row's
+      unused tail is a filler sequence of pad tokens (its own positions from 0), never a loss row."""
+
+    input_ids: torch.Tensor  # [B, T] or [R, W]
+    attention_mask: torch.Tensor | None  # [B, T]; None when packed
+    rows: torch.Tensor  # [N] positions in the flattened input_ids
     targets: torch.Tensor  # [N]
     response_lens: list[int]
+    position_ids: torch.Tensor | None = None  # [R, W] when packed
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
 
-def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, packed: bool = False,
+               row_tokens: int | None = None) -> Batch:
+    """The batch of prompt + response sequences, padded (default) or packed. packed with row_tokens None: one row
+    (for varlen attention kernels); else rows of at most max(row_tokens, longest sequence) tokens (dense masks),
+    as wide as the fullest row."""
     if len(prompts) != len(responses):
         raise ValueError("one prompt per response")
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token (it predicts the first response token)")
     seqs = [p + r for p, r in zip(prompts, responses)]
+    if packed:
+        return _packed_batch(prompts, responses, seqs, pad_id, row_tokens)
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     rows, targets = [], []
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        if not p:
-            raise ValueError("every prompt needs at least one token (it predicts the first response token)")
         ids[b, :len(p) + len(r)] = torch.tensor(p + r)
         mask[b, :len(p) + len(r)] = 1
         rows.extend(b * width + len(p) - 1 + j for j in range(len(r)))
@@ -241,10 +261,60 @@ def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int
                  [len(r) for r in responses])
 
 
+def pack_rows(seq_lens: list[int], width: int) -> list[list[int]]:
+    """Sequence indices per row: first-fit decreasing into rows of `width` tokens (ties by index: deterministic)."""
+    rows, free = [], []
+    for i in sorted(range(len(seq_lens)), key=lambda i: (-seq_lens[i], i)):
+        for r, room in enumerate(free):
+            if seq_lens[i] <= room:
+                rows[r].append(i)
+                free[r] -= seq_lens[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - seq_lens[i])
+    return rows
+
+
+def _packed_batch(prompts, responses, seqs, pad_id: int, row_tokens: int | None) -> Batch:
+    lens = [len(s) for s in seqs]
+    if row_tokens is None:
+        layout = [list(range(len(seqs)))]
+    else:
+        layout = pack_rows(lens, max(row_tokens, max(lens)))
+    width = max(sum(lens[b] for b in members) for members in layout)
+    ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(layout), width), dtype=torch.long)
+    start = [0] * len(seqs)  # flat offset of each sequence's first token
+    for r, members in enumerate(layout):
+        col = 0
+        for b in members:
+            ids[r, col:col + lens[b]] = torch.tensor(seqs[b])
+            pos[r, col:col + lens[b]] = torch.arange(lens[b])
+            start[b] = r * width + col
+            col += lens[b]
+        pos[r, col:] = torch.arange(width - col)  # the filler: a sequence of its own, attended by nothing else
+    rows = [start[b] + len(p) - 1 + j for b, (p, r) in enumerate(zip(prompts, responses)) for j in range(len(r))]
+    targets = [t for r in responses for t in r]
+    return Batch(ids, None, torch.tensor(rows, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
+                 [len(r) for r in responses], position_ids=pos)
+
+
+def varlen_attention(model) -> bool:
+    """Whether the model's attention runs flash-attn's varlen kernel on packed rows (no dense mask), so that
+    one packed row is best; with sdpa / eager a dense [W, W] mask is built per row."""
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+    return "flash" in impl
+
+
 def response_hidden(model, batch: Batch) -> torch.Tensor:
     """[N, H] final-norm hidden states of the rows predicting response tokens; the LM head is not run."""
     device = next(model.parameters()).device
-    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+    pos = None if batch.position_ids is None else batch.position_ids.to(device)
+    # no cache: transformers reads packed sequences from position_ids only without one
+    out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=pos,
+                           use_cache=False)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch.rows.to(device)]
 

@@ -4,47 +4,21 @@
 of forward passes: `synced_gpus`). Sampling is seeded per rollout: rollout i draws its Gumbel noise from
 its own generator seeded with seeds[i], so what a rollout samples does not depend on which rank or batch
 generated it (a 2-rank FSDP run samples what the single-process run samples). `make_engine` picks vLLM
-(trace_train.vllm_engine) on CUDA when it is installed, else HF.
+(trace_train.vllm_engine) on CUDA when it is installed, else HF. The types both engines share live in
+trace_train.sampling (so that vllm_engine does not import this module back).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
 import torch
 
+from .sampling import Rollouts, Sampling, filter_logits
 
-@dataclass
-class Rollouts:
-    """K samples of each of P prompts, prompt-major: rollout i answers prompt i // K."""
+__all__ = ["HFRollouts", "Rollouts", "Sampling", "filter_logits", "make_engine"]
 
-    prompts: list[list[int]]  # [P * K] the prompt ids of each rollout
-    responses: list[list[int]]  # [P * K] sampled ids, ending with EOS unless truncated
-    logprobs: list[torch.Tensor]  # [P * K] sampling log-probs of each response token (after temperature/top-k/p)
-    finished: list[bool]  # ended with EOS (False: cut at max_new_tokens)
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-
-
-def filter_logits(logits_BV: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering, as log-probs of the sampling distribution."""
-    logp = torch.log_softmax(logits_BV.float() / s.temperature, dim=-1)
-    if 0 < s.top_k < logp.shape[-1]:
-        kth = torch.topk(logp, s.top_k, dim=-1).values[:, -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
-        drop = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, mass_before >= s.top_p)
-        logp = logp.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(logp, dim=-1)
+log = logging.getLogger(__name__)
 
 
 class _SeededSampler:
@@ -111,17 +85,50 @@ class HFRollouts:
         return Rollouts(flat, responses, logprobs, finished)
 
 
-def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: bool, model_path: str = ""):
-    """"hf", "vllm", or "auto" (vLLM on CUDA when installed and the model is a local folder, else HF)."""
+_warned_fallback = False
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: bool, model_path: str = "",
+                dtype: str | None = None):
+    """"hf", "vllm", or "auto" (vLLM on CUDA when installed and the model is a local folder, else HF).
+
+    "vllm" without vLLM, without CUDA or without model.path is a ValueError naming train.engine. "auto" falling
+    back to HF generate on CUDA warns once per process (on rank 0): HF generate is far slower than vLLM at long
+    responses, the more so under FSDP (every token all-gathers every layer). dtype: the vLLM engine's weights
+    (the compute dtype; default the policy's parameter dtype)."""
     if name not in ("auto", "hf", "vllm"):
         raise ValueError(f"train.engine: unknown {name!r} (auto | hf | vllm)")
-    want_vllm = name == "vllm" or (name == "auto" and torch.cuda.is_available() and model_path)
-    if want_vllm:
-        try:
-            from .vllm_engine import VLLMRollouts
-        except ImportError:
-            if name == "vllm":
-                raise
-        else:
-            return VLLMRollouts(policy, tokenizer, sampling, model_path)
+    if name == "vllm":
+        missing = [why for why, bad in (("vLLM is not installed (pip install vllm)", not vllm_available()),
+                                        ("CUDA is not available", not torch.cuda.is_available()),
+                                        ("model.path is empty (vLLM loads a local folder)", not model_path)) if bad]
+        if missing:
+            raise ValueError(f"train.engine = \"vllm\": {'; '.join(missing)}. Use train.engine = \"hf\" or \"auto\".")
+    use_vllm = name == "vllm" or (name == "auto" and torch.cuda.is_available() and bool(model_path)
+                                  and vllm_available())
+    if use_vllm:
+        from .vllm_engine import VLLMRollouts
+
+        return VLLMRollouts(policy, tokenizer, sampling, model_path, dtype=dtype)
+    if name == "auto" and torch.cuda.is_available():
+        _warn_fallback(synced, "vLLM is not installed" if not vllm_available() else "model.path is empty")
     return HFRollouts(policy, tokenizer, sampling, synced=synced)
+
+
+def _warn_fallback(synced: bool, why: str) -> None:
+    global _warned_fallback
+    import torch.distributed as dist
+
+    if _warned_fallback or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _warned_fallback = True
+    log.warning("!!! train.engine = \"auto\" falls back to Hugging Face generate on CUDA (%s)%s: rollouts will be "
+                "many times slower than with vLLM at long responses. Install vLLM and set model.path, or set "
+                "train.engine = \"hf\" to choose this knowingly.", why,
+                ", under FSDP (every decoding step all-gathers every layer)" if synced else "")

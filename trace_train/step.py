@@ -12,7 +12,7 @@ import torch
 import trace_kernels as tk
 
 from .config import LossConfig
-from .model import make_batch
+from .model import make_batch, varlen_attention
 from .routing import Routing
 
 
@@ -61,14 +61,24 @@ def batch_loss(
     ref_logprobs: torch.Tensor | None = None,
     temperature: float = 1.0,
     impl: str = "auto",
+    packing: bool = True,
+    packing_row_tokens: int = 0,
 ) -> tk.TraceLossOutput:
     """trace_loss for B rollouts through `policy` (trace_train.policy.Policy, FSDP-sharded or not).
     advantages: [B] per response (broadcast to its tokens); old/ref log-probs [N] per response token;
     teacher_prompts: the privileged prompt of every response (used for routing.teacher_responses);
     snapshot: a frozen Policy as the teacher, or None for the live one. teacher_needed: whether some rank
     runs the teacher on this micro-batch (default: this one does); a rank with no distilled rows then runs
-    it on a one-token dummy so that every rank makes the same FSDP calls."""
-    batch = make_batch(prompts, responses, pad_id)
+    it on a one-token dummy so that every rank makes the same FSDP calls. packing: padding-free batches
+    (trace_train.model.Batch), student and teacher alike; the rows and the loss are those of the padded layout.
+    packing_row_tokens: with dense-mask attention (sdpa, eager), the packed rows' width (at least the longest
+    sequence; 0: the longest sequence); varlen attention (flash_attention_*) always uses one row."""
+    row_tokens = None if varlen_attention(policy.lm) else packing_row_tokens  # one row for varlen kernels
+
+    def make(ps: list[list[int]], rs: list[list[int]]):
+        return make_batch(ps, rs, pad_id, packed=packing, row_tokens=row_tokens)
+
+    batch = make(prompts, responses)
     device = policy.device
     lens = torch.tensor(batch.response_lens, device=device)
     kw = dict(
@@ -85,13 +95,13 @@ def batch_loss(
         if teacher_prompts is None:
             raise ValueError("teacher_prompts are required when routing has KL rows")
         sel = routing.teacher_responses
-        tbatch = make_batch([teacher_prompts[b] for b in sel], [responses[b] for b in sel], pad_id)
+        tbatch = make([teacher_prompts[b] for b in sel], [responses[b] for b in sel])
         rows = teacher_rows_for(routing, batch.response_lens)
         kw.update(kl_index=routing.kl_index_M.to(device), fkl_weight=routing.fkl_weight_M.to(device),
                   rkl_weight=routing.rkl_weight_M.to(device), kl_term_clip=loss_cfg.kl_term_clip or None,
                   kl_clip_mode=loss_cfg.kl_clip_mode)
     elif teacher_needed:
-        tbatch = make_batch([[pad_id]], [[pad_id]], pad_id)
+        tbatch = make([[pad_id]], [[pad_id]])
     if tbatch is None:
         return policy(batch, kw)
     if snapshot is None:

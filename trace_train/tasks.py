@@ -134,7 +134,9 @@ class Task:
     diagnostics: tuple[str, ...] = ()
     has_rule_annotator = False
 
-    def examples(self, seed: int, step: int, n: int) -> list[Example]:
+    def examples(self, seed: int, step: int, n: int, start: int = 0, stop: int | None = None) -> list[Example]:
+        """Examples [start, stop) of the n that step `step` trains on (a pure function of seed and step), so
+        that a rank builds only its own share: equal to examples(seed, step, n)[start:stop]."""
         raise NotImplementedError
 
     def chat(self, content: str) -> str:
@@ -172,11 +174,21 @@ class ArithTask(Task):
     def wrap(p: arith.Problem) -> Example:
         return Example(p.text, p.solution, str(p.answer), source=p)
 
-    def examples(self, seed, step, n):
+    def examples(self, seed, step, n, start=0, stop=None):
+        start, stop = _slice(n, start, stop)
         rng = random.Random(seed * 1_000_003 + step)
-        if self.pool:
-            return [rng.choice(self.pool) for _ in range(n)]
-        return [self.wrap(arith.sample_problem(rng, rng.randint(self.min_ops, self.max_ops))) for _ in range(n)]
+        out = []
+        # One random stream per step: the examples before `start` are drawn and dropped (microseconds each),
+        # which keeps every step's problems those of the whole batch.
+        for i in range(stop):
+            if self.pool:
+                ex = rng.choice(self.pool)
+            else:
+                ops = rng.randint(self.min_ops, self.max_ops)
+                ex = arith.sample_problem(rng, ops)
+            if i >= start:
+                out.append(ex if self.pool else self.wrap(ex))
+        return out
 
     def student_text(self, ex):
         return arith.student_prompt(ex.source)
@@ -205,14 +217,26 @@ class MathTask(Task):
                 raise DataError("data.train_files", "", f"{p} does not exist")
         self.items = [ex for p in paths for ex in read_examples(p)]
         self.tokenizer = tokenizer
+        self._orders: dict[tuple[int, int], list[int]] = {}  # (seed, epoch) -> the epoch's order
 
-    def examples(self, seed, step, n):
-        out, pos = [], step * n
-        for i in range(pos, pos + n):
-            epoch, j = divmod(i, len(self.items))
+    def epoch_order(self, seed: int, epoch: int) -> list[int]:
+        """The shuffled item order of an epoch, computed once (a step reads at most two epochs; the two
+        latest orders are kept)."""
+        key = (seed, epoch)
+        if key not in self._orders:
             order = list(range(len(self.items)))
             random.Random(seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.items[order[j]])
+            while len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = order
+        return self._orders[key]
+
+    def examples(self, seed, step, n, start=0, stop=None):
+        start, stop = _slice(n, start, stop)
+        out = []
+        for i in range(step * n + start, step * n + stop):
+            epoch, j = divmod(i, len(self.items))
+            out.append(self.items[self.epoch_order(seed, epoch)[j]])
         return out
 
     def chat(self, content: str) -> str:
@@ -231,6 +255,13 @@ class MathTask(Task):
 
     def reward(self, response, ex):
         return math_reward(response, ex.answer)
+
+
+def _slice(n: int, start: int, stop: int | None) -> tuple[int, int]:
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"examples: need 0 <= start <= stop <= n, got start={start}, stop={stop}, n={n}")
+    return start, stop
 
 
 def math_reward(response: str, answer: str) -> float:

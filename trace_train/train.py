@@ -129,7 +129,8 @@ class Trainer:
             self.snapshot.eval()  # a frozen teacher: no checkpointing (HF applies it in training mode only)
         self.opt, self.sched = build_optimizer(self.policy.parameters(), t)
         self.engine = make_engine(t.engine, self.policy, self.tok, Sampling(t.max_new_tokens, t.temperature),
-                                  synced=d.world > 1, model_path=cfg.model.path)
+                                  synced=d.world > 1, model_path=cfg.model.path,
+                                  dtype=cfg.model.compute_dtype or cfg.model.dtype)
         self.annotator = make_annotator(cfg, self.task, self.engine, self.tok) if t.algorithm == "trace" else None
         self.start = (load_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, self.sched)
                       if t.resume else 0)
@@ -167,7 +168,7 @@ class Trainer:
         """This rank's prompts, rollouts, rewards and group advantages, and the step's lambda."""
         t, lc, tc, d, tok, task = self.cfg.train, self.cfg.loss, self.cfg.trace, self.d, self.tok, self.task
         local_p, k = t.prompts_per_step // d.world, t.rollouts_per_prompt
-        examples = task.examples(t.seed, step, t.prompts_per_step)[d.rank * local_p:(d.rank + 1) * local_p]
+        examples = task.examples(t.seed, step, t.prompts_per_step, d.rank * local_p, (d.rank + 1) * local_p)
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in examples]
         first = d.rank * local_p * k
         ro = self.engine.generate(prompts, k, [rollout_seed(t.seed, step, first + i) for i in range(local_p * k)])
@@ -254,12 +255,14 @@ class Trainer:
             out = batch_loss(self.policy, self.tok.pad_token_id, [s.ro.prompts[i] for i in idx],
                              [s.ro.responses[i] for i in idx], s.advantages[idx], routing, lc,
                              teacher_prompts=[teacher_prompts[i] for i in idx], snapshot=self.snapshot,
-                             teacher_needed=needed, temperature=t.temperature)
+                             teacher_needed=needed, temperature=t.temperature, packing=t.packing,
+                             packing_row_tokens=t.packing_row_tokens)
         else:
             pad = self.tok.pad_token_id
             dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
             out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=self.snapshot,
-                             teacher_needed=needed, temperature=t.temperature)
+                             teacher_needed=needed, temperature=t.temperature, packing=t.packing,
+                             packing_row_tokens=t.packing_row_tokens)
         if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
             self.snapshot.reshard()
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
