@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+
+from launch import launch  # noqa: E402
 
 from trace_train import eval as ev  # noqa: E402
 from trace_train.config import ModelConfig  # noqa: E402
@@ -18,8 +17,6 @@ from trace_train.dist import Dist  # noqa: E402
 from trace_train.model import build_char_tokenizer, build_tiny_model  # noqa: E402
 from trace_train.rollout import Rollouts  # noqa: E402
 from trace_train.tasks import ArithTask  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 class FakeEngine:
@@ -63,14 +60,7 @@ def test_evaluate_shards_by_rank_and_gathers_in_order(monkeypatch):
 def _eval(model_dir, out, nproc):
     args = ["--model", str(model_dir), "--arith-ops", "1-2", "--problems", "7", "--k", "2", "--max-new-tokens", "10",
             "--temperature", "1.0", "--engine", "hf", "--out", str(out)]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "trace_train.eval", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trace_train.eval", *args]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("trace_train.eval", args, nproc)
     return json.loads(open(out).read())
 
 

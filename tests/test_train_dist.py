@@ -7,16 +7,12 @@ Tolerances:
   ~log V move by ~1e-7; the KL terms are differences of such log-probs between two near-identical
   distributions (~1e-3 per token), so they, and the loss that sums them, are only good to ~1e-4 relative:
   rel 2e-4 on loss / fkl / rkl, rel 1e-5 on the gradient norm and the entropy (sums of O(1) terms).
-- the exported weights after 3 AdamW steps at lr 3e-4: atol 1e-6 (each step moves a weight by up to ~lr,
-  so averaged instead of summed gradients, a rank-local normaliser or a wrong shard show up at 1e-4).
+- the exported weights after 3 AdamW steps at lr 3e-4: atol 1% of the largest possible move (see the test:
+  Adam's per-entry normalisation turns round-off in a cancelling gradient entry into up to lr per step; a
+  rank-local normaliser or a wrong shard show up at the size of the move itself).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,42 +21,21 @@ pytest.importorskip("transformers")
 # Outcomes of training and comparisons across processes: `make test` runs these again under another CPU kernel set.
 pytestmark = pytest.mark.cpu_outcome
 
+from launch import assert_same_metrics, train  # noqa: E402
+
 from trace_train.config import ModelConfig  # noqa: E402
 from trace_train.model import load_policy  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMALL = ["train.prompts_per_step=4", "train.rollouts_per_prompt=4", "train.max_new_tokens=12"]
 
 
 def _launch(out, nproc: int, *overrides) -> list[dict]:
-    args = ["--config", "toy", f"train.output_dir={out}", *SMALL, *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "trace_train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trace_train", *args]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    return train(out, nproc, ["--config", "toy", *SMALL, *overrides])
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
     model, _ = load_policy(ModelConfig(path=str(path)))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_run(one, two):
-    assert [m["step"] for m in one] == [m["step"] for m in two]
-    for a, b in zip(one, two):
-        for k in ("reward", "response_length", "truncated", "span_fraction", "teacher_rollouts", "annotated_rollouts"):
-            assert a[k] == b[k], (a["step"], k)
-        for k in ("loss", "grad_norm", "entropy", "fkl", "rkl"):
-            if a[k] is None or b[k] is None:
-                assert a[k] is b[k], (a["step"], k)
-                continue
-            rel = 2e-4 if k in ("loss", "fkl", "rkl") else 1e-5
-            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-12), (a["step"], k)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -73,7 +48,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, overrides):
     steps = ["train.max_steps=3", "train.lr=3e-4", *overrides]
     one = _launch(tmp_path / "one", 1, *steps)
     two = _launch(tmp_path / "two", 2, *steps)
-    _assert_same_run(one, two)
+    assert_same_metrics(one, two)
     if "train.micro_batch_tokens=150" in overrides:  # the ranks' micro-batch counts differ at some step
         assert any(m["dummy_micro_batches"] > 0 for m in two)
     w1, w2 = _weights(tmp_path / "one" / "hf"), _weights(tmp_path / "two" / "hf")
