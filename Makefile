@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 test: pytest test-other-cpu wheel-check
 
 pytest: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
 
 # Machines of this kind differ in the CPU kernels torch picks (AVX-512, AVX2), and so in rounding: the tests of
 # training outcomes run again under another kernel set than this machine's own (AVX2 on an AVX-512 CPU, the
