@@ -13,7 +13,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "train": ["transformers>=4.56", "accelerate", "safetensors", "math-verify", "tokenizers", "tqdm", "pyarrow"],
-        "bench": ["liger-kernel>=0.6", "pytest-benchmark", "matplotlib"],
+        "bench": ["liger-kernel>=0.6", "trl>=1.16", "pytest-benchmark", "matplotlib"],
         "dev": ["pytest", "hypothesis", "ruff"],
         "vllm": ["vllm"],
         "flash": ["flash-attn"],
