@@ -1,7 +1,7 @@
-"""Benchmark suite: trace_kernels against the naive loss, torch.compile, Liger-Kernel and torch's
-linear_cross_entropy, on the same inputs, forward+backward.
+"""Benchmark suite: trace_kernels against the naive loss, torch.compile, Liger-Kernel, TRL's fused kernels and
+torch's linear_cross_entropy, on the same inputs, forward+backward.
 
-    python -m benchmarks.bench_loss --quick                      # CPU, under 3 minutes on 2 cores
+    python -m benchmarks.bench_loss --quick                      # CPU: 7 minutes on 2 busy cores (2026-11-26)
     python -m benchmarks.bench_loss --device cuda --dtype bf16 --n 16384 --h 4096 --v 151936
 
 Before timing, every implementation is checked against the fp64 reference on a small problem of the
@@ -9,9 +9,11 @@ same case (loss and both gradients); a disagreement is reported in the table, ne
 medians over --repeats after a warm-up (compilation excluded), with the min-max spread. Peak extra
 memory: on CUDA the allocator's peak above the inputs; on the CPU the resident-set high-water mark of a
 fresh process per measurement, above the inputs, warm-up (and compilation) included. Ratios are against
-the naive loss measured in the same run. On CUDA the achieved TFLOP/s count the LM-head floor of
-docs/benchmarks.md, 2NHV (3 + M/N), against the card's measured bf16 matmul rate. Output: results.csv,
-results.md (printed last) and PNG plots in --out.
+the naive loss measured in the same run. On CUDA the achieved TFLOP/s count the LM-head GEMM floor
+2NHV (3 + M/N) (the student logits, the two gradient GEMMs, the teacher logits of the M distilled rows),
+against the card's measured bf16 matmul rate. The header records the load average (a shared machine's
+timings are only as good as its idle cores) and the TRL version. Output: results.csv, results.md (printed
+last) and PNG plots in --out.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes, under 3 minutes")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes, a few minutes")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         args.device, args.n, args.h, args.v, args.repeats = "cpu", "1024,2048,4096", 128, "8192", 3
         args.case = "trace,grpo,logprob" if args.case == "trace" else args.case
         if args.impls == ",".join(IMPLS):
-            args.impls = "naive,trace_torch,liger,torch_linear_ce"
+            args.impls = "naive,trace_torch,liger,trl,torch_linear_ce"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
     card = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"{platform.machine()} CPU, {os.cpu_count()} cores")
     rate = matmul_tflops(args.device)
+    args.load_start = os.getloadavg()
 
     rows = []
     for case in args.case.split(","):
@@ -227,6 +230,12 @@ def write_outputs(rows, out, card, rate, stamp, args):
             f"M/N={args.kl_frac} (trace case), forward+backward, median of {args.repeats}")
     if rate:
         head += f", measured bf16 matmul {rate:.0f} TFLOP/s"
+    head += ", load average (1, 5, 15 min) at start {:.2f} {:.2f} {:.2f}, at end {:.2f} {:.2f} {:.2f}".format(
+        *args.load_start, *os.getloadavg())
+    if any(r["impl"] == "trl" and "median_s" in r for r in rows):
+        from benchmarks import trl_impl
+        k = trl_impl.kernels()
+        head += f", trl {k.version} ({'package import' if k.how == 'trl' else k.how})"
     lines = [head, "", "| case | impl | N | V | median s (min-max) | peak extra MB | time / naive | memory / naive "
              "| TFLOP/s (floor s) | check err | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

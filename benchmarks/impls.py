@@ -5,8 +5,8 @@ Cases (all from hidden states [N, H] and the LM head [V, H]):
 - "trace":   off-policy GRPO + k3 on all rows, forward and reverse KL on M distilled rows (TRACE's loss).
 - "grpo":    the same without a teacher (TRACE after its warm-up, plain GRPO).
 - "logprob": gradient of -mean log p(targets) (on-policy GRPO with A = 1): the cross-entropy floor.
-Liger's losses and torch's linear_cross_entropy are set up to compute the same loss (same gradient for
-"logprob", where the values differ by construction: ours is -1, theirs -mean log p).
+Liger's losses, TRL's kernels (benchmarks/trl_impl.py) and torch's linear_cross_entropy are set up to compute the
+same loss (same gradient for "logprob", where the values differ by construction: ours is -1, theirs -mean log p).
 """
 
 from __future__ import annotations
@@ -132,6 +132,12 @@ def _torch_linear_ce(p: Problem):
     return lambda: torch.nn.functional.linear_cross_entropy(p.hidden, p.weight, p.targets)
 
 
+def _trl(p: Problem):
+    from benchmarks import trl_impl  # imports trl only when its rows run
+
+    return trl_impl.build(p)
+
+
 @dataclass
 class Impl:
     name: str
@@ -152,6 +158,12 @@ class Impl:
             import os
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return "Triton runs on CUDA (or TRITON_INTERPRET=1)"
+        if self.name == "trl":
+            from benchmarks import trl_impl
+            try:
+                trl_impl.kernels()
+            except ImportError as e:
+                return f"trl kernels not importable: {e}"[:160]
         if self.name == "torch_linear_ce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
             return "torch has no linear_cross_entropy"
         return None
@@ -166,4 +178,5 @@ IMPLS = {i.name: i for i in [
     Impl("liger", _liger, ("trace", "grpo"), needs="liger_kernel"),
     Impl("liger_triton_grpo", _liger_triton_grpo, ("grpo",), devices=("cuda",), needs="liger_kernel"),
     Impl("torch_linear_ce", _torch_linear_ce, ("logprob",)),
+    Impl("trl", _trl, ALL_CASES, needs="trl"),
 ]}
