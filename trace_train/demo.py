@@ -86,7 +86,8 @@ def _privileged(min_ops: int, max_ops: int):
 
 
 def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int, seed: int,
-                 in_ops: tuple[int, int] = (1, 3), out_ops: tuple[int, int] = (4, 6)) -> dict[str, dict]:
+                 in_ops: tuple[int, int] = (1, 3), out_ops: tuple[int, int] = (4, 6),
+                 max_new_tokens: int = 48) -> dict[str, dict]:
     """avg@k of each policy folder on the in-distribution (in_ops operations, problems in train_seen excluded)
     and out-of-distribution (out_ops) sets; for the warm start also in distribution with the teacher's
     privileged prompt (reference solution in context), which shows what the self-teacher knows."""
@@ -97,7 +98,7 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
     from .tasks import ArithTask
 
     torch.manual_seed(seed)
-    sampling = Sampling(max_new_tokens=48, temperature=0.6, top_k=20, top_p=0.95)  # the paper's eval sampling
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.6, top_k=20, top_p=0.95)  # the paper's
     ind, ood = ArithTask(*in_ops), ArithTask(*out_ops)
     sets = {"in_dist": (ind, held_out(ind, n, 10_000 + seed, train_seen)),
             "out_of_dist": (ood, held_out(ood, n, 20_000 + seed))}

@@ -70,6 +70,16 @@ def _mean(xs: list) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _train_here(out: str, algorithm: str, seed: int, warm: str, steps: int, extra) -> float:
+    """One training run in this process (what train_run does in a subprocess); returns its wall time."""
+    from .train import run
+
+    t0 = time.perf_counter()
+    run(load_config(CONFIG, [f"model.path={warm}", f"train.algorithm={algorithm}", f"train.seed={seed}",
+                             f"train.max_steps={steps}", f"train.output_dir={out}", *extra]))
+    return time.perf_counter() - t0
+
+
 def run_summary(metrics: list[dict], scores: dict) -> dict:
     """One run's numbers: final avg@4 in / out of distribution, entropy and length (last 5 steps), the lifts
     (mean over the steps that measured them) and the reward curve."""
@@ -131,8 +141,10 @@ def main(argv=None) -> int:
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--slip", type=float, default=0.15, help="the warm start's imitated per-step slip rate")
     p.add_argument("--eval-n", type=int, default=100)
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--eval-max-new-tokens", type=int, default=48, help="48 fits 6-operation solutions; less: tests")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1; 0: in this process, "
+                   "one run at a time, no start-up cost: tiny studies and tests)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (subprocesses)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every RL run")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -158,15 +170,18 @@ def main(argv=None) -> int:
     def one(job):
         regime, alg, seed, extra = job
         name = f"{regime}/{alg}-s{seed}"
-        wall = train_run(os.path.join(a.out, regime, f"{alg}-s{seed}"), algo[alg], seed, warm, a.steps, a.nproc,
-                         extra)
+        out = os.path.join(a.out, regime, f"{alg}-s{seed}")
+        if a.nproc == 0:
+            wall = _train_here(out, algo[alg], seed, warm, a.steps, extra)
+        else:
+            wall = train_run(out, algo[alg], seed, warm, a.steps, a.nproc, extra)
         _log(f"{name}: {wall:.0f} s")
         return name, wall
 
     for regime, *_ in REGIMES:
         os.makedirs(os.path.join(a.out, regime), exist_ok=True)
     _log(f"{len(jobs)} runs, {a.jobs} at a time, {a.nproc} process(es) each, {a.steps} steps")
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=1 if a.nproc == 0 else a.jobs) as pool:
         walls = dict(pool.map(one, jobs))
     t_train = time.perf_counter() - t_start - t_sft
 
@@ -183,7 +198,8 @@ def main(argv=None) -> int:
         folder = os.path.join(a.out, regime)
         policies = {"warm_start": warm, **{f"{alg}-s{s}": os.path.join(folder, f"{alg}-s{s}", "hf")
                                           for s in seeds for alg, _, _ in ALGORITHMS}}
-        scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0, in_ops=train_ops, out_ops=out_ops)
+        scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0, in_ops=train_ops, out_ops=out_ops,
+                              max_new_tokens=a.eval_max_new_tokens)
         metrics = {f"{alg}-s{s}": read_metrics(os.path.join(folder, f"{alg}-s{s}")) for s in seeds
                    for alg, _, _ in ALGORITHMS}
         runs = {name: run_summary(metrics[name], scores[name]) for name in metrics}
@@ -197,7 +213,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
                 "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
-                "slip": a.slip, "eval_n": a.eval_n, "nproc": a.nproc, "jobs": a.jobs, "overrides": a.overrides,
+                "slip": a.slip, "eval_n": a.eval_n, "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
+                "jobs": a.jobs, "overrides": a.overrides,
                 "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
                 "regimes": {n: list(o) for n, _, _, o in REGIMES}, "measure": list(MEASURE),
                 "wall_s": {"sft": round(t_sft), "training": round(t_train), "total": round(total)},
