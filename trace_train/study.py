@@ -17,10 +17,20 @@ Reported per regime (report.md, summary.json, curves-<regime>.png under --out): 
 rollouts, last 5 steps), lift (key/error spans, mean over the steps that have spans; fkl and rkl branches
 apart) and lift_all; the paired difference to GRPO (same seed) with its 95% t-interval; reward curves.
 
-Budget (the whole study under 60 minutes on 2 cores). Measured 2026-11-26 on a 2-core Xeon shared with
-other jobs (load average ~4 on 2 cores, so times are ~2x a quiet machine's), one run of each kind at the
-study's settings (40 steps, 8 prompts x 8 rollouts, 1 process per run, 2 runs at a time):
-ESTIMATE_PLACEHOLDER
+Budget: the whole study must finish under 60 minutes on 2 cores. Estimate from timings taken 2026-11-26 on a
+2-core Xeon (AVX-512) shared with other jobs, load average 4.4-5.5 (so upper bounds for a quiet machine), each
+kind (5 algorithms x 2 regimes) run at the study's settings for 1 and for 6 steps from the untrained model
+(whose responses run to max_new_tokens: an upper bound on the trained policies' generation cost), 1 process
+per run, 2 runs at a time:
+- warm start, 600 SFT steps: 20 steps took 54 s (in-process, model build included) -> ~22 min;
+- training: 0.9 run-seconds per step and ~11.5 s per run of start-up and export (the 10 kinds' sums: 123 s
+  at 1 step, 168 s at 6) -> 50 runs x (11.5 + 39 x 0.9) s / 2 at a time = ~19.5 min;
+- evaluation: ~6.5 s per set of 100 problems x 4 samples (2 policies, 5 sets: 32 s) -> 52 policies x 2 sets
+  (+ the warm start's privileged set, twice) = ~11.5 min;
+- total ~53 min at that load. 1 process per run, 2 at a time, beats torchrun x2 one at a time on 2 cores:
+  measured alone (load ~2), a TRACE run took 0.38 s per step and 5.1 s of start-up in 1 process, 0.44 s
+  and 7.1 s under torchrun x2 (gloo's collectives and a second interpreter cost more than the second core
+  gives a model this small).
 """
 
 from __future__ import annotations
