@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--slip", type=float, default=0.15, help="the warm start's imitated per-step slip rate")
+    p.add_argument("--warm-start", default="", help="reuse this warm start folder (a previous study's "
+                   "OUT/warm_start) instead of training one (--sft-steps and --slip are then ignored)")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--eval-max-new-tokens", type=int, default=48, help="48 fits 6-operation solutions; less: tests")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1; 0: in this process, "
@@ -168,9 +170,12 @@ def main(argv=None) -> int:
 
     from .sft import sft
 
-    warm = os.path.join(a.out, "warm_start")
-    _log(f"warm start: {a.sft_steps} supervised steps -> {warm}")
-    sft(cfg.model, warm, a.sft_steps, slip=a.slip, log=lambda s: None)
+    warm = os.path.abspath(a.warm_start) if a.warm_start else os.path.join(a.out, "warm_start")
+    if a.warm_start:
+        _log(f"warm start: {warm} (reused)")
+    else:
+        _log(f"warm start: {a.sft_steps} supervised steps -> {warm}")
+        sft(cfg.model, warm, a.sft_steps, slip=a.slip, log=lambda s: None)
     t_sft = time.perf_counter() - t_start
 
     jobs = [(regime, alg, seed, (*MEASURE, *r_over, *a.overrides, *a_over))
@@ -223,7 +228,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
                 "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
-                "slip": a.slip, "eval_n": a.eval_n, "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
+                "slip": a.slip, "warm_start": warm, "eval_n": a.eval_n,
+                "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
                 "jobs": a.jobs, "overrides": a.overrides,
                 "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
                 "regimes": {n: list(o) for n, _, _, o in REGIMES}, "measure": list(MEASURE),
