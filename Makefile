@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-other-cpu wheel-check demo bench bench-memory lint clean
+.PHONY: test pytest test-other-cpu wheel-check demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ wheel-check:
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
 	$(PY) -m trace_train.demo --out runs/demo $(DEMO_ARGS)
+
+# The study: grpo / trace (value, grad, no clip) / opd_all over 5 seeds in a dense and a sparse-reward regime, with
+# 95% intervals and paired differences to GRPO (runs/study/report.md).
+study: $(STAMP)
+	$(PY) -m trace_train.study --out runs/study $(STUDY_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_loss --quick

@@ -51,7 +51,7 @@ from trace_train.config import resolve_config, shipped_configs
 assert {"toy", "demo", "qwen3-1.7b-trace-rkl", "qwen3-8b-trace-fkl"} <= set(shipped_configs()), shipped_configs()
 print("trace_kernels", trace_kernels.__version__, "from", os.path.dirname(trace_kernels.__file__))
 EOF
-for cmd in trace-train trace-train-demo trace-eval trace-bench; do
+for cmd in trace-train trace-train-demo trace-study trace-eval trace-bench; do
     "$WORK/venv/bin/$cmd" --help > /dev/null || { echo "$cmd --help failed" >&2; exit 1; }
 done
 

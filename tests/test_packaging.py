@@ -77,7 +77,7 @@ def test_console_scripts_point_at_callables():
     import importlib
 
     scripts = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["scripts"]
-    assert set(scripts) == {"trace-train", "trace-train-demo", "trace-eval", "trace-bench"}
+    assert set(scripts) == {"trace-train", "trace-train-demo", "trace-study", "trace-eval", "trace-bench"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target

@@ -128,6 +128,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep the latest K step checkpoints (older ones removed); 0: keep all
     resume: bool = False
     export_hf: bool = True  # save the final policy as a Hugging Face folder (safetensors) in <output_dir>/hf
+    lift_metric: bool = False  # after each update, re-score the step's rollouts: the lift* metrics (docs/training.md)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class TraceConfig:
     teacher: str = "live"  # live | snapshot
     snapshot_every: int = 10
     opd_all_direction: str = "reverse"  # the KL of the all-token baseline
+    measure_spans: bool = False  # grpo / opd_all: annotate (while TRACE's lambda > 0) for the lift metric only
     api_base_url: str = ""  # annotator=api: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
     api_model: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never the config

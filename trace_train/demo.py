@@ -85,9 +85,12 @@ def _privileged(min_ops: int, max_ops: int):
     return Privileged(min_ops, max_ops)
 
 
-def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int, seed: int) -> dict[str, dict]:
-    """avg@k of each policy folder on the in- and out-of-distribution sets; for the warm start also with the
-    teacher's privileged prompt (reference solution in context), which shows what the self-teacher knows."""
+def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int, seed: int,
+                 in_ops: tuple[int, int] = (1, 3), out_ops: tuple[int, int] = (4, 6),
+                 max_new_tokens: int = 48) -> dict[str, dict]:
+    """avg@k of each policy folder on the in-distribution (in_ops operations, problems in train_seen excluded)
+    and out-of-distribution (out_ops) sets; for the warm start also in distribution with the teacher's
+    privileged prompt (reference solution in context), which shows what the self-teacher knows."""
     import torch
 
     from .eval import evaluate, load_for_eval
@@ -95,8 +98,8 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
     from .tasks import ArithTask
 
     torch.manual_seed(seed)
-    sampling = Sampling(max_new_tokens=48, temperature=0.6, top_k=20, top_p=0.95)  # the paper's eval sampling
-    ind, ood = ArithTask(1, 3), ArithTask(4, 6)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.6, top_k=20, top_p=0.95)  # the paper's
+    ind, ood = ArithTask(*in_ops), ArithTask(*out_ops)
     sets = {"in_dist": (ind, held_out(ind, n, 10_000 + seed, train_seen)),
             "out_of_dist": (ood, held_out(ood, n, 20_000 + seed))}
     results = {}
@@ -105,8 +108,8 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
         engine = HFRollouts(policy, tok, sampling)
         results[name] = {s: evaluate(engine, tok, task, exs, k, seed) for s, (task, exs) in sets.items()}
         if name == "warm_start":
-            results[name]["in_dist_privileged"] = evaluate(engine, tok, _privileged(1, 3), sets["in_dist"][1], k,
-                                                           seed)
+            results[name]["in_dist_privileged"] = evaluate(engine, tok, _privileged(*in_ops), sets["in_dist"][1],
+                                                           k, seed)
     return results
 
 

@@ -134,6 +134,7 @@ def shard(policy, d: Dist, compute_dtype: str = "", activation_checkpointing: bo
         materialize(policy, d.device)
     register_fsdp_forward_method(policy, "generate")
     register_fsdp_forward_method(policy, "teacher_outputs")
+    register_fsdp_forward_method(policy, "token_logprobs")
     return policy.train()
 
 

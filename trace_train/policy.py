@@ -52,5 +52,12 @@ class Policy(nn.Module):
             h = response_hidden(self.lm, batch)
             return (h[rows.to(h.device)] if rows is not None else h[:0]), self.lm_head_weight().detach().clone()
 
+    def token_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """[N] log-prob of each response token of `batch` at `temperature`, without gradient (the lift metric's
+        forward after the optimizer step)."""
+        with torch.no_grad():
+            hidden = response_hidden(self.lm, batch)
+            return tk.token_logprobs(hidden, self.lm_head_weight(), batch.targets.to(hidden.device), temperature)
+
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)

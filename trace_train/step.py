@@ -45,6 +45,21 @@ def pack(seq_tokens: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
+def batch_logprobs(policy, pad_id: int, prompts: list[list[int]], responses: list[list[int]], *,
+                   temperature: float = 1.0, packing: bool = True, packing_row_tokens: int = 0) -> torch.Tensor:
+    """[N] log-probs of the response tokens without gradient, in the micro-batch layout `batch_loss` uses (no
+    prompts: a one-token dummy, for a rank that must make the same FSDP calls as another); the root's gathered
+    parameters are resharded afterwards (a root FSDP module keeps them after a forward)."""
+    row_tokens = None if varlen_attention(policy.lm) else packing_row_tokens
+    if not prompts:
+        prompts = responses = [[pad_id]]
+    out = policy.token_logprobs(make_batch(prompts, responses, pad_id, packed=packing, row_tokens=row_tokens),
+                                temperature)
+    if hasattr(policy, "reshard"):
+        policy.reshard()
+    return out
+
+
 def batch_loss(
     policy,
     pad_id: int,

@@ -39,7 +39,7 @@ from .optim import build_optimizer
 from .policy import Policy
 from .rollout import Rollouts, Sampling, make_engine
 from .routing import Routing, cap_spans, group_advantages, lambda_at, route
-from .step import batch_loss, pack
+from .step import batch_logprobs, batch_loss, pack
 from .tasks import DataError, make_task
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def run(cfg: Config) -> list[dict]:
 
 # The per-step sums every rank contributes (all-reduced once per step, in this order on every rank).
 SUM_KEYS = ("dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped",
-            "reward", "finished", "annotated") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
+            "reward", "finished", "annotated", "lift", "lift_n", "lift_fkl", "lift_fkl_n", "lift_rkl", "lift_rkl_n",
+            "lift_all") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
 
 
 @dataclass
@@ -131,7 +132,8 @@ class Trainer:
         self.engine = make_engine(t.engine, self.policy, self.tok, Sampling(t.max_new_tokens, t.temperature),
                                   synced=d.world > 1, model_path=cfg.model.path,
                                   dtype=cfg.model.compute_dtype or cfg.model.dtype)
-        self.annotator = make_annotator(cfg, self.task, self.engine, self.tok) if t.algorithm == "trace" else None
+        self.annotator = (make_annotator(cfg, self.task, self.engine, self.tok)
+                          if t.algorithm == "trace" or tc.measure_spans else None)
         self.start = (load_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, self.sched)
                       if t.resume else 0)
         if d.main:
@@ -183,10 +185,14 @@ class Trainer:
                             err=[[] for _ in lens], diagnostics=[None] * len(lens), texts=texts, first=first)
 
     def annotate(self, step: int, s: StepRollouts) -> None:
-        """Spans, only for TRACE and only while lambda > 0 (the annotator is not called afterwards)."""
+        """Spans, only for TRACE and only while lambda > 0 (the annotator is not called afterwards). With
+        trace.measure_spans, grpo and opd_all runs are annotated on the steps where TRACE's lambda would be > 0,
+        for the lift metric only: their spans route nothing and their diagnostics reach no teacher prompt."""
         t, tc, tok = self.cfg.train, self.cfg.trace, self.tok
         s.annotating = s.lam > 0 and t.algorithm == "trace"
-        if not s.annotating:
+        measuring = (tc.measure_spans and t.algorithm != "trace"
+                     and lambda_at(step, tc.w0, tc.hold_steps, tc.decay_steps) > 0)
+        if not (s.annotating or measuring):
             return
         jobs = [Job(ex.problem, x, bool(r)) for x, ex, r in zip(s.texts, s.owners, s.rewards.tolist())]
         seeds = [rollout_seed(t.seed, step, s.first + i, stream=1) for i in range(len(jobs))]
@@ -199,7 +205,8 @@ class Trainer:
             offsets = token_char_offsets(tok, s.ro.responses[i])
             s.key[i] = cap_spans(char_to_token_spans(a.key_spans, offsets), s.lens[i], tc.span_cap)
             s.err[i] = cap_spans(char_to_token_spans(a.error_spans, offsets), s.lens[i], tc.span_cap)
-            s.diagnostics[i] = a.diagnostic
+            if s.annotating:
+                s.diagnostics[i] = a.diagnostic
 
     def train_step(self, step: int) -> dict:
         """One optimizer step: rollouts, spans, every micro-batch's forward and backward (gradients reduced
@@ -221,17 +228,20 @@ class Trainer:
         sums = dict.fromkeys(SUM_KEYS, 0.0)
         sums["dummies"] = float(n_micro - len(groups))
         self.policy.train()  # rollouts may have left it in eval mode; checkpointing needs training mode
+        before = []  # per micro-batch: the response tokens' log-probs under the weights before the update
         for g in range(n_micro):
             # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
             if t.grad_sync == "step":
                 set_gradient_sync(self.policy, g == n_micro - 1)
-            self.micro_batch(s, groups[g] if g < len(groups) else [], teacher_prompts, sums)
+            before.append(self.micro_batch(s, groups[g] if g < len(groups) else [], teacher_prompts, sums))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
+        if t.lift_metric:
+            self.lift(s, [groups[g] if g < len(groups) else [] for g in range(n_micro)], before, sums)
         sums["reward"] = s.rewards.sum().item()
         sums["finished"] = float(sum(s.ro.finished))
         sums["annotated"] = float(sum(1 for a in s.key if a) + sum(1 for a in s.err if a))
@@ -241,9 +251,10 @@ class Trainer:
                                  dict(time_rollout_s=t_rollout, time_annotate_s=t_annotate,
                                       time_train_s=time.perf_counter() - t0 - t_rollout - t_annotate))
 
-    def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict) -> None:
+    def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict) -> torch.Tensor | None:
         """Forward and backward of the rollouts `idx` (empty: a one-token, zero-weight dummy, for a rank with
-        fewer micro-batches than another); adds this micro-batch's sums."""
+        fewer micro-batches than another); adds this micro-batch's sums. Returns the response tokens' log-probs
+        [N] of this forward (None for a dummy)."""
         t, lc, tc, d = self.cfg.train, self.cfg.loss, self.cfg.trace, self.d
         routing = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
                         [s.err[i] for i in idx], algorithm=t.algorithm, lam=s.lam, w0=tc.w0,
@@ -270,7 +281,7 @@ class Trainer:
         (out.loss * self.policy.loss_scale).backward()
         sums["loss"] += out.loss.item()
         if not idx:
-            return
+            return None
         sums["entropy"] += out.entropy.sum().item()
         sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]).to(out.logprobs.device)
         ratio = torch.exp(out.logprobs - sampler_lp)
@@ -283,6 +294,34 @@ class Trainer:
                 sums[name + "_n"] += rows.sum().item()
         sums["kl_rows"] += routing.kl_index_M.numel()
         sums["teacher"] += len(routing.teacher_responses)
+        return out.logprobs.detach()
+
+    def lift(self, s: StepRollouts, groups: list[list[int]], before: list, sums: dict) -> None:
+        """The lift metric: after the optimizer step, one no-grad forward of every micro-batch (the same groups,
+        dummies included, so that FSDP's collectives line up across ranks) and the change of each response
+        token's log-prob across the update, summed over the span rows TRACE distills (forward KL: key spans
+        of correct rollouts; reverse KL: error spans of incorrect ones, as the run's trace.forward_kl /
+        trace.reverse_kl select them) and over all response tokens. For TRACE these are exactly the distilled
+        rows; grpo and opd_all runs have span rows only with trace.measure_spans."""
+        t, tc = self.cfg.train, self.cfg.trace
+        pad = self.tok.pad_token_id
+        for idx, lp_before in zip(groups, before):
+            lp_after = batch_logprobs(self.policy, pad, [s.ro.prompts[i] for i in idx],
+                                      [s.ro.responses[i] for i in idx], temperature=t.temperature,
+                                      packing=t.packing, packing_row_tokens=t.packing_row_tokens)
+            if not idx:
+                continue
+            delta = (lp_after - lp_before.to(lp_after.device)).double().cpu()
+            sums["lift_all"] += delta.sum().item()
+            spans = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
+                          [s.err[i] for i in idx], algorithm="trace", lam=tc.w0, w0=tc.w0,
+                          forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl)
+            for name, w in (("lift_fkl", spans.fkl_weight_M), ("lift_rkl", spans.rkl_weight_M)):
+                rows = spans.kl_index_M[w > 0]
+                sums[name] += delta[rows].sum().item()
+                sums[name + "_n"] += rows.numel()
+            sums["lift"] += delta[spans.kl_index_M].sum().item()
+            sums["lift_n"] += spans.kl_index_M.numel()
 
     def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
                      times: dict) -> dict:
@@ -311,7 +350,10 @@ class Trainer:
             **{k: int(tot[k]) for k in fail_names},
             "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
             "clip_fraction": tot["clipped"] / n, "grad_norm": grad_norm, "lr": lr, "micro_batches": n_micro,
-            "dummy_micro_batches": int(tot["dummies"]), **times,
+            "dummy_micro_batches": int(tot["dummies"]),
+            # nats per token; None where no row was measured (train.lift_metric off, or no spans at this step)
+            **{k: tot[k] / tot[k + "_n"] if tot[k + "_n"] else None for k in ("lift", "lift_fkl", "lift_rkl")},
+            "lift_all": tot["lift_all"] / n if t.lift_metric else None, **times,
         }
 
 

@@ -1,0 +1,267 @@
+"""The study: does TRACE beat GRPO on the synthetic task, with which KL clip, and in which reward regime?
+
+    python -m trace_train.study --out runs/study [--seeds 0,1,2,3,4] [--steps S] [--eval-n N]    # `make study`
+
+grpo, trace with the per-term value clip (`loss.kl_clip_mode=value`), trace with the per-entry gradient
+clip (`grad`), trace without a clip and opd_all (all-token distillation), every algorithm on the same seeds,
+in two regimes from one warm start (`trace_train.sft`, as in the demo):
+- dense: train on 1-3 operation problems (the demo's task; the warm start already scores ~0.8),
+- sparse: train on 4-6 operation problems (the warm start scores ~0.15: most groups have no reward variance).
+Every run measures the lift (train.lift_metric: the change of the sampled tokens' log-probs across each
+update), grpo and opd_all on the spans TRACE would distill (trace.measure_spans), so the lift on key tokens
+compares across algorithms. Each final policy is scored avg@4 on held-out 1-3 and 4-6 operation problems
+(in distribution: the regime's training range, problems seen in training excluded).
+
+Reported per regime (report.md, summary.json, curves-<regime>.png under --out): per algorithm the mean and a
+95% t-interval over seeds of in- and out-of-distribution avg@4, final entropy and response length (training
+rollouts, last 5 steps), lift (key/error spans, mean over the steps that have spans; fkl and rkl branches
+apart) and lift_all; the paired difference to GRPO (same seed) with its 95% t-interval; reward curves.
+
+Budget: the whole study must finish under 60 minutes on 2 cores. Estimate from timings taken 2026-11-26 on a
+2-core Xeon (AVX-512) shared with other jobs, load average 4.4-5.5 (so upper bounds for a quiet machine), each
+kind (5 algorithms x 2 regimes) run at the study's settings for 1 and for 6 steps from the untrained model
+(whose responses run to max_new_tokens: an upper bound on the trained policies' generation cost), 1 process
+per run, 2 runs at a time:
+- warm start, 600 SFT steps: 20 steps took 54 s (in-process, model build included) -> ~22 min;
+- training: 0.9 run-seconds per step and ~11.5 s per run of start-up and export (the 10 kinds' sums: 123 s
+  at 1 step, 168 s at 6) -> 50 runs x (11.5 + 39 x 0.9) s / 2 at a time = ~19.5 min;
+- evaluation: ~6.5 s per set of 100 problems x 4 samples (2 policies, 5 sets: 32 s) -> 52 policies x 2 sets
+  (+ the warm start's privileged set, twice) = ~11.5 min;
+- total ~53 min at that load. 1 process per run, 2 at a time, beats torchrun x2 one at a time on 2 cores:
+  measured alone (load ~2), a TRACE run took 0.38 s per step and 5.1 s of start-up in 1 process, 0.44 s
+  and 7.1 s under torchrun x2 (gloo's collectives and a second interpreter cost more than the second core
+  gives a model this small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from . import machine
+from .config import load_config
+from .demo import CONFIG, evaluate_all, train_run
+from .plot import plot_runs, read_metrics
+from .stats import fmt, mean_ci, paired_diff
+
+# (name, train.algorithm, overrides). The clip is the demo config's loss.kl_term_clip (0.05, the paper's).
+ALGORITHMS = (
+    ("grpo", "grpo", ()),
+    ("trace-value", "trace", ("loss.kl_clip_mode=value",)),
+    ("trace-grad", "trace", ("loss.kl_clip_mode=grad",)),
+    ("trace-noclip", "trace", ("loss.kl_term_clip=0",)),
+    ("opd_all", "opd_all", ()),
+)
+# (name, training ops, out-of-distribution ops, overrides). 4-6 operation solutions run to ~40 characters:
+# the sparse regime samples up to 48 tokens (the evaluation's limit) instead of the demo config's 24.
+REGIMES = (
+    ("dense", (1, 3), (4, 6), ()),
+    ("sparse", (4, 6), (1, 3), ("data.min_ops=4", "data.max_ops=6", "train.max_new_tokens=48")),
+)
+# Every run: the lift metric, measured on grpo / opd_all too.
+MEASURE = ("train.lift_metric=true", "trace.measure_spans=true")
+QUANTITIES = (("in_dist", "in-dist avg@4"), ("out_of_dist", "out-of-dist avg@4"), ("entropy", "final entropy"),
+              ("response_length", "final length"), ("lift", "lift (spans)"), ("lift_fkl", "lift fkl"),
+              ("lift_rkl", "lift rkl"), ("lift_all", "lift (all tokens)"))
+
+
+def _log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _train_here(out: str, algorithm: str, seed: int, warm: str, steps: int, extra) -> float:
+    """One training run in this process (what train_run does in a subprocess); returns its wall time."""
+    from .train import run
+
+    t0 = time.perf_counter()
+    run(load_config(CONFIG, [f"model.path={warm}", f"train.algorithm={algorithm}", f"train.seed={seed}",
+                             f"train.max_steps={steps}", f"train.output_dir={out}", *extra]))
+    return time.perf_counter() - t0
+
+
+def run_summary(metrics: list[dict], scores: dict) -> dict:
+    """One run's numbers: final avg@4 in / out of distribution, entropy and length (last 5 steps), the lifts
+    (mean over the steps that measured them) and the reward curve."""
+    last = metrics[-5:]
+    return {
+        "in_dist": scores["in_dist"]["avg_at_k"], "out_of_dist": scores["out_of_dist"]["avg_at_k"],
+        "entropy": _mean([m["entropy"] for m in last]), "response_length": _mean([m["response_length"] for m in last]),
+        **{k: _mean([m.get(k) for m in metrics]) for k in ("lift", "lift_fkl", "lift_rkl", "lift_all")},
+        "reward_curve": [m["reward"] for m in metrics],
+    }
+
+
+def aggregate(runs: dict[str, dict], seeds: list[int]) -> dict:
+    """Per algorithm: mean_ci of each quantity over seeds, and paired_diff to grpo (same seed)."""
+    out = {}
+    for alg, _, _ in ALGORITHMS:
+        per = {q: [runs[f"{alg}-s{s}"][q] for s in seeds] for q, _ in QUANTITIES}
+        base = {q: [runs[f"grpo-s{s}"][q] for s in seeds] for q, _ in QUANTITIES}
+        out[alg] = {"mean_ci": {q: mean_ci(v) for q, v in per.items()},
+                    "diff_to_grpo": None if alg == "grpo" else {q: paired_diff(per[q], base[q]) for q, _ in QUANTITIES}}
+    return out
+
+
+def regime_report(name: str, train_ops, out_ops, agg: dict, warm: dict, seeds: list[int]) -> str:
+    head = "| algorithm | " + " | ".join(t for _, t in QUANTITIES) + " |"
+    sep = "|---" * (len(QUANTITIES) + 1) + "|"
+    rows = [head, sep, f"| warm start | {warm['in_dist']['avg_at_k']:.3f} | {warm['out_of_dist']['avg_at_k']:.3f} |"
+            + " - |" * (len(QUANTITIES) - 2)]
+    for alg, _, _ in ALGORITHMS:
+        ci = agg[alg]["mean_ci"]
+        rows.append(f"| {alg} | " + " | ".join(fmt(ci[q], 4 if q.startswith("lift") else 3) for q, _ in QUANTITIES)
+                    + " |")
+    diffs = [head.replace("algorithm", "difference to grpo"), sep]
+    for alg, _, _ in ALGORITHMS[1:]:
+        dd = agg[alg]["diff_to_grpo"]
+        diffs.append(f"| {alg} - grpo | " + " | ".join(fmt(dd[q], 4 if q.startswith("lift") else 3, signed=True)
+                                                       for q, _ in QUANTITIES) + " |")
+    return f"""## Regime: {name} (train on {train_ops[0]}-{train_ops[1]} operations; out of distribution \
+{out_ops[0]}-{out_ops[1]})
+
+Mean over seeds {', '.join(map(str, seeds))} and 95% t-interval [lo, hi]:
+
+{chr(10).join(rows)}
+
+Paired difference to GRPO (same seed, same warm start), mean and 95% t-interval; an interval that contains 0
+is no evidence either way:
+
+{chr(10).join(diffs)}
+
+![curves](curves-{name}.png)
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trace_train.study", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--slip", type=float, default=0.15, help="the warm start's imitated per-step slip rate")
+    p.add_argument("--warm-start", default="", help="reuse this warm start folder (a previous study's "
+                   "OUT/warm_start) instead of training one (--sft-steps and --slip are then ignored)")
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-max-new-tokens", type=int, default=48, help="48 fits 6-operation solutions; less: tests")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1; 0: in this process, "
+                   "one run at a time, no start-up cost: tiny studies and tests)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (subprocesses)")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every RL run")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if len(seeds) < 2:
+        raise SystemExit("--seeds: at least 2 seeds (the intervals are over seeds)")
+    a.out = os.path.abspath(a.out)
+    os.makedirs(a.out, exist_ok=True)
+    t_start = time.perf_counter()
+    cfg = load_config(CONFIG, a.overrides)
+    _log(f"machine: {machine.one_line()}")
+
+    from .sft import sft
+
+    warm = os.path.abspath(a.warm_start) if a.warm_start else os.path.join(a.out, "warm_start")
+    if a.warm_start:
+        _log(f"warm start: {warm} (reused)")
+    else:
+        _log(f"warm start: {a.sft_steps} supervised steps -> {warm}")
+        sft(cfg.model, warm, a.sft_steps, slip=a.slip, log=lambda s: None)
+    t_sft = time.perf_counter() - t_start
+
+    jobs = [(regime, alg, seed, (*MEASURE, *r_over, *a.overrides, *a_over))
+            for regime, _, _, r_over in REGIMES for seed in seeds for alg, _, a_over in ALGORITHMS]
+    algo = {name: alg for name, alg, _ in ALGORITHMS}
+
+    def one(job):
+        regime, alg, seed, extra = job
+        name = f"{regime}/{alg}-s{seed}"
+        out = os.path.join(a.out, regime, f"{alg}-s{seed}")
+        if a.nproc == 0:
+            wall = _train_here(out, algo[alg], seed, warm, a.steps, extra)
+        else:
+            wall = train_run(out, algo[alg], seed, warm, a.steps, a.nproc, extra)
+        _log(f"{name}: {wall:.0f} s")
+        return name, wall
+
+    for regime, *_ in REGIMES:
+        os.makedirs(os.path.join(a.out, regime), exist_ok=True)
+    _log(f"{len(jobs)} runs, {a.jobs} at a time, {a.nproc} process(es) each, {a.steps} steps")
+    with ThreadPoolExecutor(max_workers=1 if a.nproc == 0 else a.jobs) as pool:
+        walls = dict(pool.map(one, jobs))
+    t_train = time.perf_counter() - t_start - t_sft
+
+    from .tasks import ArithTask
+
+    summary = {"regimes": {}, "runs": {}}
+    sections = []
+    for regime, train_ops, out_ops, r_over in REGIMES:
+        _log(f"evaluating {regime}")
+        rcfg = load_config(CONFIG, [*r_over, *a.overrides])
+        train_task = ArithTask(*train_ops)
+        seen = {ex.problem for s in seeds for st in range(a.steps)
+                for ex in train_task.examples(s, st, rcfg.train.prompts_per_step)}
+        folder = os.path.join(a.out, regime)
+        policies = {"warm_start": warm, **{f"{alg}-s{s}": os.path.join(folder, f"{alg}-s{s}", "hf")
+                                          for s in seeds for alg, _, _ in ALGORITHMS}}
+        scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0, in_ops=train_ops, out_ops=out_ops,
+                              max_new_tokens=a.eval_max_new_tokens)
+        metrics = {f"{alg}-s{s}": read_metrics(os.path.join(folder, f"{alg}-s{s}")) for s in seeds
+                   for alg, _, _ in ALGORITHMS}
+        runs = {name: run_summary(metrics[name], scores[name]) for name in metrics}
+        agg = aggregate(runs, seeds)
+        plot_runs({alg: [metrics[f"{alg}-s{s}"] for s in seeds] for alg, _, _ in ALGORITHMS},
+                  os.path.join(a.out, f"curves-{regime}.png"))
+        summary["regimes"][regime] = {"train_ops": train_ops, "out_ops": out_ops, "warm_start": scores["warm_start"],
+                                      "algorithms": agg}
+        summary["runs"][regime] = runs
+        sections.append(regime_report(regime, train_ops, out_ops, agg, scores["warm_start"], seeds))
+    total = time.perf_counter() - t_start
+    settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
+                "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
+                "slip": a.slip, "warm_start": warm, "eval_n": a.eval_n,
+                "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
+                "jobs": a.jobs, "overrides": a.overrides,
+                "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
+                "regimes": {n: list(o) for n, _, _, o in REGIMES}, "measure": list(MEASURE),
+                "wall_s": {"sft": round(t_sft), "training": round(t_train), "total": round(total)},
+                "run_wall_s": walls}
+    summary["settings"] = settings
+    report = f"""# TRACE vs GRPO: clip semantics and reward regimes
+
+{settings['date']}, {settings['machine']}. {len(seeds)} seeds, {a.steps} RL steps per run, {len(jobs)} runs
+({a.jobs} at a time, {a.nproc} process(es) each); total {total / 60:.1f} min (warm start {t_sft:.0f} s,
+training {t_train:.0f} s, evaluation {total - t_sft - t_train:.0f} s).
+
+Evaluation: avg@4 at temperature 0.6, top-p 0.95, top-k 20 on {a.eval_n} distinct held-out problems per set.
+Entropy and length: training rollouts, mean of the last 5 steps. Lift: the mean change of the sampled
+tokens' log-probs (nats) across one update, on the span rows TRACE distills (key spans of correct rollouts:
+fkl; error spans of incorrect ones: rkl) averaged over the steps with spans (TRACE's lambda > 0; grpo and
+opd_all annotated for measurement only), and on all response tokens (lift_all) over all steps.
+
+{chr(10).join(sections)}
+## Settings
+
+`{json.dumps({k: settings[k] for k in ('algorithms', 'regimes', 'measure', 'overrides', 'sft_steps', 'slip')})}`
+on `--config demo` with model.path = the warm start.
+"""
+    with open(os.path.join(a.out, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _log(f"report: {os.path.join(a.out, 'report.md')}, total {total:.0f} s")
+    print(f"machine: {settings['machine']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
