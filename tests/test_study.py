@@ -37,8 +37,8 @@ def test_study_tiny_end_to_end(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     algs = [a for a, _, _ in ALGORITHMS]
     assert algs == ["grpo", "trace-value", "trace-grad", "trace-noclip", "opd_all"]
-    assert [r for r, *_ in REGIMES] == ["dense", "sparse"] == list(summary["regimes"])
-    for regime in ("dense", "sparse"):
+    assert [r for r, *_ in REGIMES] == ["dense", "sparse", "sparse-long"] == list(summary["regimes"])
+    for regime in ("dense", "sparse", "sparse-long"):
         assert f"## Regime: {regime}" in report and (tmp_path / f"curves-{regime}.png").stat().st_size > 0
         agg = summary["regimes"][regime]["algorithms"]
         assert list(agg) == algs
@@ -61,8 +61,24 @@ def test_study_tiny_end_to_end(tmp_path, capsys):
             for s in (0, 1):
                 run = summary["runs"][regime][f"{alg}-s{s}"]
                 assert len(run["reward_curve"]) == 2 and 0 <= run["in_dist"] <= 1 and 0 <= run["out_of_dist"] <= 1
-    # the sparse regime trains on 4-6 operations: its runs saw those problems
+    # the sparse regimes train on 4-6 operations: their runs saw those problems; sparse-long from the long warm
+    # start, which was supervised on 1-6 operation chains
     cfg = (tmp_path / "sparse" / "grpo-s0" / "config.toml").read_text()
     assert "min_ops = 4" in cfg and "lift_metric = true" in cfg and "measure_spans = true" in cfg
+    assert f'path = "{tmp_path / "warm_start"}"' in cfg
+    long_cfg = (tmp_path / "sparse-long" / "opd_all-s1" / "config.toml").read_text()
+    assert "min_ops = 4" in long_cfg and f'path = "{tmp_path / "warm_start_long"}"' in long_cfg
+    assert json.loads((tmp_path / "warm_start_long" / "sft.json").read_text())["max_ops"] == 6
+    assert summary["settings"]["warm_starts"]["warm_start_long"]["slip"] == 0.25
     assert 'kl_clip_mode = "grad"' in (tmp_path / "dense" / "trace-grad-s0" / "config.toml").read_text()
     assert "kl_term_clip = 0.0" in (tmp_path / "dense" / "trace-noclip-s0" / "config.toml").read_text()
+
+
+def test_study_arguments_checked_before_any_work(tmp_path):
+    from trace_train.study import main
+
+    with pytest.raises(SystemExit, match="--regimes: unknown"):
+        main(["--out", str(tmp_path / "a"), "--regimes", "dense,bogus"])
+    with pytest.raises(SystemExit, match="--warm-start"):
+        main(["--out", str(tmp_path / "b"), "--warm-start", str(tmp_path / "missing"), "--regimes", "dense"])
+    assert not (tmp_path / "b" / "dense").exists()

@@ -50,20 +50,34 @@ from .demo import CONFIG, evaluate_all, train_run
 from .plot import plot_runs, read_metrics
 from .stats import fmt, mean_ci, paired_diff
 
-# (name, train.algorithm, overrides). The clip is the demo config's loss.kl_term_clip (0.05, the paper's); each
-# distilling run names its clip mode, so the study does not move when a config's default does.
+# The long warm start's imitated slip. Measured here (2026-11-27, 600 steps, 100 problems x 8 samples at temperature
+# 1): slip 0.25 -> on 4-6 operations 19% right answers, 2.5% with every step right (key spans); slip 0.2 -> 40% and
+# 32%, 0.15 -> 38% and 28%, 0.3 -> arithmetic not learnt (6% right on 1-3 operations). The outcome of 600 steps
+# is that sensitive: the report prints each warm start's scores beside the results.
+LONG_SLIP = 0.25
+
+# (name, train.algorithm, overrides). Each distilling run names its clip (0.05, the paper's) and clip mode, so that
+# the study does not move when the demo config's defaults do.
+CLIP = "loss.kl_term_clip=0.05"
 ALGORITHMS = (
     ("grpo", "grpo", ()),
-    ("trace-value", "trace", ("loss.kl_clip_mode=value",)),
-    ("trace-grad", "trace", ("loss.kl_clip_mode=grad",)),
+    ("trace-value", "trace", (CLIP, "loss.kl_clip_mode=value")),
+    ("trace-grad", "trace", (CLIP, "loss.kl_clip_mode=grad")),
     ("trace-noclip", "trace", ("loss.kl_term_clip=0",)),
-    ("opd_all", "opd_all", ("loss.kl_clip_mode=value",)),
+    ("opd_all", "opd_all", (CLIP, "loss.kl_clip_mode=value")),
 )
-# (name, training ops, out-of-distribution ops, overrides). 4-6 operation solutions run to ~40 characters:
-# the sparse regime samples up to 48 tokens (the evaluation's limit) instead of the demo config's 24.
+# The warm starts (trace_train.sft): name -> (min_ops, max_ops, slip); slip None: the --slip argument.
+WARM_STARTS = {"warm_start": (1, 3, None), "warm_start_long": (1, 6, LONG_SLIP)}
+# (name, warm start, training ops, the other evaluation set's ops, overrides). 4-6 operation solutions run to ~40
+# characters: those regimes sample up to 48 tokens (the evaluation's limit) instead of the demo config's 24.
+SPARSE = ("data.min_ops=4", "data.max_ops=6", "train.max_new_tokens=48")
 REGIMES = (
-    ("dense", (1, 3), (4, 6), ()),
-    ("sparse", (4, 6), (1, 3), ("data.min_ops=4", "data.max_ops=6", "train.max_new_tokens=48")),
+    ("dense", "warm_start", (1, 3), (4, 6), ()),
+    # The 1-3 operation warm start writes 3 steps whatever the problem: its correct answers on 4-6 operations
+    # are lucky digits, which the annotator gives no key spans (TRACE's forward-KL branch never fires).
+    ("sparse", "warm_start", (4, 6), (1, 3), SPARSE),
+    # A warm start that writes 4-6 step chains but slips: correct answers with every step right exist.
+    ("sparse-long", "warm_start_long", (4, 6), (1, 3), SPARSE),
 )
 # Every run: the lift metric, measured on grpo / opd_all too.
 MEASURE = ("train.lift_metric=true", "trace.measure_spans=true")
@@ -114,10 +128,10 @@ def aggregate(runs: dict[str, dict], seeds: list[int]) -> dict:
     return out
 
 
-def regime_report(name: str, train_ops, out_ops, agg: dict, warm: dict, seeds: list[int]) -> str:
+def regime_report(name: str, warm_name: str, train_ops, out_ops, agg: dict, warm: dict, seeds: list[int]) -> str:
     head = "| algorithm | " + " | ".join(t for _, t in QUANTITIES) + " |"
     sep = "|---" * (len(QUANTITIES) + 1) + "|"
-    rows = [head, sep, f"| warm start | {warm['in_dist']['avg_at_k']:.3f} | {warm['out_of_dist']['avg_at_k']:.3f} |"
+    rows = [head, sep, f"| {warm_name} | {warm['in_dist']['avg_at_k']:.3f} | {warm['out_of_dist']['avg_at_k']:.3f} |"
             + " - |" * (len(QUANTITIES) - 2)]
     for alg, _, _ in ALGORITHMS:
         ci = agg[alg]["mean_ci"]
@@ -128,8 +142,12 @@ def regime_report(name: str, train_ops, out_ops, agg: dict, warm: dict, seeds: l
         dd = agg[alg]["diff_to_grpo"]
         diffs.append(f"| {alg} - grpo | " + " | ".join(fmt(dd[q], 4 if q.startswith("lift") else 3, signed=True)
                                                        for q, _ in QUANTITIES) + " |")
+    lo, hi = WARM_STARTS[warm_name][:2]
     return f"""## Regime: {name} (train on {train_ops[0]}-{train_ops[1]} operations; out of distribution \
 {out_ops[0]}-{out_ops[1]})
+
+From `{warm_name}` (supervised on {lo}-{hi} operations). In-dist: held-out {train_ops[0]}-{train_ops[1]} operation \
+problems (none seen in training); out-of-dist: {out_ops[0]}-{out_ops[1]} operations, which RL never trains on.
 
 Mean over seeds {', '.join(map(str, seeds))} and 95% t-interval [lo, hi]:
 
@@ -147,12 +165,13 @@ is no evidence either way:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trace_train.study", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/study")
-    p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--sft-steps", type=int, default=600)
     p.add_argument("--slip", type=float, default=0.15, help="the warm start's imitated per-step slip rate")
-    p.add_argument("--warm-start", default="", help="reuse this warm start folder (a previous study's "
-                   "OUT/warm_start) instead of training one (--sft-steps and --slip are then ignored)")
+    p.add_argument("--warm-start", default="", help="reuse the warm starts of a previous study (its --out folder: "
+                   "OUT/warm_start, OUT/warm_start_long) instead of training them (--sft-steps and --slip ignored)")
+    p.add_argument("--regimes", default=",".join(r for r, *_ in REGIMES), help="which regimes (comma-separated)")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--eval-max-new-tokens", type=int, default=48, help="48 fits 6-operation solutions; less: tests")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1; 0: in this process, "
@@ -163,6 +182,11 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in a.seeds.split(",")]
     if len(seeds) < 2:
         raise SystemExit("--seeds: at least 2 seeds (the intervals are over seeds)")
+    names = [r.strip() for r in a.regimes.split(",") if r.strip()]
+    unknown = sorted(set(names) - {r for r, *_ in REGIMES})
+    if unknown or not names:
+        raise SystemExit(f"--regimes: unknown {unknown} (choose from {', '.join(r for r, *_ in REGIMES)})")
+    regimes = [r for r in REGIMES if r[0] in names]
     a.out = os.path.abspath(a.out)
     os.makedirs(a.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -171,30 +195,37 @@ def main(argv=None) -> int:
 
     from .sft import sft
 
-    warm = os.path.abspath(a.warm_start) if a.warm_start else os.path.join(a.out, "warm_start")
-    if a.warm_start:
-        _log(f"warm start: {warm} (reused)")
-    else:
-        _log(f"warm start: {a.sft_steps} supervised steps -> {warm}")
-        sft(cfg.model, warm, a.sft_steps, slip=a.slip, log=lambda s: None)
+    warm = {}  # warm start name -> folder
+    for w in dict.fromkeys(r[1] for r in regimes):
+        min_ops, max_ops, slip = WARM_STARTS[w]
+        slip = a.slip if slip is None else slip
+        if a.warm_start:
+            warm[w] = os.path.join(os.path.abspath(a.warm_start), w)
+            if not os.path.isdir(warm[w]):
+                raise SystemExit(f"--warm-start: {warm[w]} does not exist")
+            _log(f"{w}: {warm[w]} (reused)")
+        else:
+            warm[w] = os.path.join(a.out, w)
+            _log(f"{w}: {a.sft_steps} supervised steps on {min_ops}-{max_ops} operations, slip {slip} -> {warm[w]}")
+            sft(cfg.model, warm[w], a.sft_steps, min_ops=min_ops, max_ops=max_ops, slip=slip, log=lambda s: None)
     t_sft = time.perf_counter() - t_start
 
-    jobs = [(regime, alg, seed, (*MEASURE, *r_over, *a.overrides, *a_over))
-            for regime, _, _, r_over in REGIMES for seed in seeds for alg, _, a_over in ALGORITHMS]
+    jobs = [(regime, w, alg, seed, (*MEASURE, *r_over, *a.overrides, *a_over))
+            for regime, w, _, _, r_over in regimes for seed in seeds for alg, _, a_over in ALGORITHMS]
     algo = {name: alg for name, alg, _ in ALGORITHMS}
 
     def one(job):
-        regime, alg, seed, extra = job
+        regime, w, alg, seed, extra = job
         name = f"{regime}/{alg}-s{seed}"
         out = os.path.join(a.out, regime, f"{alg}-s{seed}")
         if a.nproc == 0:
-            wall = _train_here(out, algo[alg], seed, warm, a.steps, extra)
+            wall = _train_here(out, algo[alg], seed, warm[w], a.steps, extra)
         else:
-            wall = train_run(out, algo[alg], seed, warm, a.steps, a.nproc, extra)
+            wall = train_run(out, algo[alg], seed, warm[w], a.steps, a.nproc, extra)
         _log(f"{name}: {wall:.0f} s")
         return name, wall
 
-    for regime, *_ in REGIMES:
+    for regime, *_ in regimes:
         os.makedirs(os.path.join(a.out, regime), exist_ok=True)
     _log(f"{len(jobs)} runs, {a.jobs} at a time, {a.nproc} process(es) each, {a.steps} steps")
     with ThreadPoolExecutor(max_workers=1 if a.nproc == 0 else a.jobs) as pool:
@@ -205,14 +236,14 @@ def main(argv=None) -> int:
 
     summary = {"regimes": {}, "runs": {}}
     sections = []
-    for regime, train_ops, out_ops, r_over in REGIMES:
+    for regime, w, train_ops, out_ops, r_over in regimes:
         _log(f"evaluating {regime}")
         rcfg = load_config(CONFIG, [*r_over, *a.overrides])
         train_task = ArithTask(*train_ops)
         seen = {ex.problem for s in seeds for st in range(a.steps)
                 for ex in train_task.examples(s, st, rcfg.train.prompts_per_step)}
         folder = os.path.join(a.out, regime)
-        policies = {"warm_start": warm, **{f"{alg}-s{s}": os.path.join(folder, f"{alg}-s{s}", "hf")
+        policies = {"warm_start": warm[w], **{f"{alg}-s{s}": os.path.join(folder, f"{alg}-s{s}", "hf")
                                           for s in seeds for alg, _, _ in ALGORITHMS}}
         scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0, in_ops=train_ops, out_ops=out_ops,
                               max_new_tokens=a.eval_max_new_tokens)
@@ -222,18 +253,23 @@ def main(argv=None) -> int:
         agg = aggregate(runs, seeds)
         plot_runs({alg: [metrics[f"{alg}-s{s}"] for s in seeds] for alg, _, _ in ALGORITHMS},
                   os.path.join(a.out, f"curves-{regime}.png"))
-        summary["regimes"][regime] = {"train_ops": train_ops, "out_ops": out_ops, "warm_start": scores["warm_start"],
+        summary["regimes"][regime] = {"train_ops": train_ops, "out_ops": out_ops, "warm_start_folder": w,
+                                      "warm_start": scores["warm_start"],
                                       "algorithms": agg}
         summary["runs"][regime] = runs
-        sections.append(regime_report(regime, train_ops, out_ops, agg, scores["warm_start"], seeds))
+        sections.append(regime_report(regime, w, train_ops, out_ops, agg, scores["warm_start"], seeds))
     total = time.perf_counter() - t_start
     settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
                 "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
-                "slip": a.slip, "warm_start": warm, "eval_n": a.eval_n,
+                "slip": a.slip, "eval_n": a.eval_n,
+                "warm_starts": {w: {"folder": f, "ops": list(WARM_STARTS[w][:2]),
+                                    "slip": a.slip if WARM_STARTS[w][2] is None else WARM_STARTS[w][2]}
+                                for w, f in warm.items()},
                 "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
                 "jobs": a.jobs, "overrides": a.overrides,
                 "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
-                "regimes": {n: list(o) for n, _, _, o in REGIMES}, "measure": list(MEASURE),
+                "regimes": {n: {"warm_start": w, "train_ops": list(t), "other_ops": list(o), "overrides": list(r)}
+                            for n, w, t, o, r in regimes}, "measure": list(MEASURE),
                 "wall_s": {"sft": round(t_sft), "training": round(t_train), "total": round(total)},
                 "run_wall_s": walls}
     summary["settings"] = settings
@@ -252,8 +288,9 @@ opd_all annotated for measurement only), and on all response tokens (lift_all) o
 {chr(10).join(sections)}
 ## Settings
 
-`{json.dumps({k: settings[k] for k in ('algorithms', 'regimes', 'measure', 'overrides', 'sft_steps', 'slip')})}`
-on `--config demo` with model.path = the warm start.
+`{json.dumps({k: settings[k] for k in ('algorithms', 'regimes', 'warm_starts', 'measure', 'overrides',
+                                       'sft_steps')})}`
+on `--config demo` with model.path = the regime's warm start.
 """
     with open(os.path.join(a.out, "report.md"), "w") as f:
         f.write(report)
