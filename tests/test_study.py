@@ -42,6 +42,13 @@ def test_study_tiny_end_to_end(tmp_path, capsys):
         assert f"## Regime: {regime}" in report and (tmp_path / f"curves-{regime}.png").stat().st_size > 0
         agg = summary["regimes"][regime]["algorithms"]
         assert list(agg) == algs
+        clip = summary["regimes"][regime]["clip_pairs"]
+        assert list(clip) == ["trace-grad - trace-value", "trace-noclip - trace-value", "trace-noclip - trace-grad"]
+        for pair, dd in clip.items():
+            a_, b_ = pair.split(" - ")
+            want = [summary["runs"][regime][f"{a_}-s{s}"]["in_dist"] - summary["runs"][regime][f"{b_}-s{s}"]["in_dist"]
+                    for s in (0, 1)]
+            assert dd["in_dist"]["values"] == pytest.approx(want) and f"| {pair} |" in report
         for alg in algs:
             for q, _ in QUANTITIES:
                 ci = agg[alg]["mean_ci"][q]
@@ -72,6 +79,11 @@ def test_study_tiny_end_to_end(tmp_path, capsys):
     assert summary["settings"]["warm_starts"]["warm_start_long"]["slip"] == 0.25
     assert 'kl_clip_mode = "grad"' in (tmp_path / "dense" / "trace-grad-s0" / "config.toml").read_text()
     assert "kl_term_clip = 0.0" in (tmp_path / "dense" / "trace-noclip-s0" / "config.toml").read_text()
+    # the report rebuilt from the summary alone is the same report
+    (tmp_path / "report.md").unlink()
+    assert main(["--report-from", str(tmp_path / "summary.json")]) == 0
+    assert (tmp_path / "report.md").read_text() == report
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 def test_study_arguments_checked_before_any_work(tmp_path):

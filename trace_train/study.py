@@ -117,18 +117,25 @@ def run_summary(metrics: list[dict], scores: dict) -> dict:
     }
 
 
+# The clip semantics against each other (same seed): (a, b) reports a - b.
+CLIP_PAIRS = (("trace-grad", "trace-value"), ("trace-noclip", "trace-value"), ("trace-noclip", "trace-grad"))
+
+
 def aggregate(runs: dict[str, dict], seeds: list[int]) -> dict:
-    """Per algorithm: mean_ci of each quantity over seeds, and paired_diff to grpo (same seed)."""
+    """Per algorithm: mean_ci of each quantity over seeds, and paired_diff to grpo (same seed); and the paired
+    differences between the clip semantics (CLIP_PAIRS, keyed "a - b")."""
+    per = {alg: {q: [runs[f"{alg}-s{s}"][q] for s in seeds] for q, _ in QUANTITIES} for alg, _, _ in ALGORITHMS}
     out = {}
     for alg, _, _ in ALGORITHMS:
-        per = {q: [runs[f"{alg}-s{s}"][q] for s in seeds] for q, _ in QUANTITIES}
-        base = {q: [runs[f"grpo-s{s}"][q] for s in seeds] for q, _ in QUANTITIES}
-        out[alg] = {"mean_ci": {q: mean_ci(v) for q, v in per.items()},
-                    "diff_to_grpo": None if alg == "grpo" else {q: paired_diff(per[q], base[q]) for q, _ in QUANTITIES}}
-    return out
+        out[alg] = {"mean_ci": {q: mean_ci(v) for q, v in per[alg].items()},
+                    "diff_to_grpo": None if alg == "grpo" else {q: paired_diff(per[alg][q], per["grpo"][q])
+                                                                for q, _ in QUANTITIES}}
+    clip = {f"{x} - {y}": {q: paired_diff(per[x][q], per[y][q]) for q, _ in QUANTITIES} for x, y in CLIP_PAIRS}
+    return {"algorithms": out, "clip_pairs": clip}
 
 
-def regime_report(name: str, warm_name: str, train_ops, out_ops, agg: dict, warm: dict, seeds: list[int]) -> str:
+def regime_report(name: str, warm_name: str, train_ops, out_ops, agg: dict, clip: dict, warm: dict,
+                  seeds: list[int]) -> str:
     head = "| algorithm | " + " | ".join(t for _, t in QUANTITIES) + " |"
     sep = "|---" * (len(QUANTITIES) + 1) + "|"
     rows = [head, sep, f"| {warm_name} | {warm['in_dist']['avg_at_k']:.3f} | {warm['out_of_dist']['avg_at_k']:.3f} |"
@@ -142,6 +149,10 @@ def regime_report(name: str, warm_name: str, train_ops, out_ops, agg: dict, warm
         dd = agg[alg]["diff_to_grpo"]
         diffs.append(f"| {alg} - grpo | " + " | ".join(fmt(dd[q], 4 if q.startswith("lift") else 3, signed=True)
                                                        for q, _ in QUANTITIES) + " |")
+    clips = [head.replace("algorithm", "clip semantics"), sep]
+    for pair, dd in clip.items():
+        clips.append(f"| {pair} | " + " | ".join(fmt(dd[q], 4 if q.startswith("lift") else 3, signed=True)
+                                                 for q, _ in QUANTITIES) + " |")
     lo, hi = WARM_STARTS[warm_name][:2]
     return f"""## Regime: {name} (train on {train_ops[0]}-{train_ops[1]} operations; out of distribution \
 {out_ops[0]}-{out_ops[1]})
@@ -158,8 +169,53 @@ is no evidence either way:
 
 {chr(10).join(diffs)}
 
+The clip semantics against each other (TRACE with the value clip, the gradient clip, none; same seed):
+
+{chr(10).join(clips)}
+
 ![curves](curves-{name}.png)
 """
+
+
+def write_report(summary: dict, out: str) -> str:
+    """Aggregate summary["runs"] per regime (into summary["regimes"]), write out/report.md and out/summary.json;
+    returns the report. `--report-from` calls it again on a finished study's summary.json."""
+    st = summary["settings"]
+    seeds, wall = st["seeds"], st["wall_s"]
+    sections = []
+    for regime, r in summary["regimes"].items():
+        agg = aggregate(summary["runs"][regime], seeds)
+        r["algorithms"], r["clip_pairs"] = agg["algorithms"], agg["clip_pairs"]
+        sections.append(regime_report(regime, r["warm_start_folder"], r["train_ops"], r["out_ops"], agg["algorithms"],
+                                      agg["clip_pairs"], r["warm_start"], seeds))
+    listed = json.loads(json.dumps({k: st[k] for k in ("algorithms", "regimes", "warm_starts", "measure", "overrides",
+                                                       "sft_steps")}))
+    for w in listed["warm_starts"].values():
+        del w["folder"]  # a path on the machine that ran it
+    runs = len(summary["regimes"]) * len(seeds) * len(ALGORITHMS)
+    report = f"""# TRACE vs GRPO: clip semantics and reward regimes
+
+{st['date']}, {st['machine']}. {len(seeds)} seeds, {st['steps']} RL steps per run, {runs} runs
+({st['jobs']} at a time, {st['nproc']} process(es) each); total {wall['total'] / 60:.1f} min (warm starts \
+{wall['sft']} s, training {wall['training']} s, evaluation {wall['total'] - wall['sft'] - wall['training']} s).
+
+Evaluation: avg@4 at temperature 0.6, top-p 0.95, top-k 20 on {st['eval_n']} distinct held-out problems per set.
+Entropy and length: training rollouts, mean of the last 5 steps. Lift: the mean change of the sampled
+tokens' log-probs (nats) across one update, on the span rows TRACE distills (key spans of correct rollouts:
+fkl; error spans of incorrect ones: rkl) averaged over the steps with spans (TRACE's lambda > 0; grpo and
+opd_all annotated for measurement only), and on all response tokens (lift_all) over all steps.
+
+{chr(10).join(sections)}
+## Settings
+
+`{json.dumps(listed)}`
+on `--config demo` with model.path = the regime's warm start.
+"""
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return report
 
 
 def main(argv=None) -> int:
@@ -177,8 +233,15 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1; 0: in this process, "
                    "one run at a time, no start-up cost: tiny studies and tests)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (subprocesses)")
+    p.add_argument("--report-from", default="", help="only rewrite report.md (and summary.json's aggregates) "
+                   "from this finished study's summary.json, in its folder")
     p.add_argument("overrides", nargs="*", help="section.key=value for every RL run")
     a = p.parse_args(argv)
+    if a.report_from:
+        with open(a.report_from) as f:
+            summary = json.load(f)
+        write_report(summary, os.path.dirname(os.path.abspath(a.report_from)))
+        return 0
     seeds = [int(s) for s in a.seeds.split(",")]
     if len(seeds) < 2:
         raise SystemExit("--seeds: at least 2 seeds (the intervals are over seeds)")
@@ -235,7 +298,6 @@ def main(argv=None) -> int:
     from .tasks import ArithTask
 
     summary = {"regimes": {}, "runs": {}}
-    sections = []
     for regime, w, train_ops, out_ops, r_over in regimes:
         _log(f"evaluating {regime}")
         rcfg = load_config(CONFIG, [*r_over, *a.overrides])
@@ -244,60 +306,33 @@ def main(argv=None) -> int:
                 for ex in train_task.examples(s, st, rcfg.train.prompts_per_step)}
         folder = os.path.join(a.out, regime)
         policies = {"warm_start": warm[w], **{f"{alg}-s{s}": os.path.join(folder, f"{alg}-s{s}", "hf")
-                                          for s in seeds for alg, _, _ in ALGORITHMS}}
+                                             for s in seeds for alg, _, _ in ALGORITHMS}}
         scores = evaluate_all(policies, seen, a.eval_n, 4, seed=0, in_ops=train_ops, out_ops=out_ops,
                               max_new_tokens=a.eval_max_new_tokens)
         metrics = {f"{alg}-s{s}": read_metrics(os.path.join(folder, f"{alg}-s{s}")) for s in seeds
                    for alg, _, _ in ALGORITHMS}
-        runs = {name: run_summary(metrics[name], scores[name]) for name in metrics}
-        agg = aggregate(runs, seeds)
+        summary["runs"][regime] = {name: run_summary(metrics[name], scores[name]) for name in metrics}
+        summary["regimes"][regime] = {"train_ops": train_ops, "out_ops": out_ops, "warm_start_folder": w,
+                                      "warm_start": scores["warm_start"]}
         plot_runs({alg: [metrics[f"{alg}-s{s}"] for s in seeds] for alg, _, _ in ALGORITHMS},
                   os.path.join(a.out, f"curves-{regime}.png"))
-        summary["regimes"][regime] = {"train_ops": train_ops, "out_ops": out_ops, "warm_start_folder": w,
-                                      "warm_start": scores["warm_start"],
-                                      "algorithms": agg}
-        summary["runs"][regime] = runs
-        sections.append(regime_report(regime, w, train_ops, out_ops, agg, scores["warm_start"], seeds))
     total = time.perf_counter() - t_start
-    settings = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
-                "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
-                "slip": a.slip, "eval_n": a.eval_n,
-                "warm_starts": {w: {"folder": f, "ops": list(WARM_STARTS[w][:2]),
-                                    "slip": a.slip if WARM_STARTS[w][2] is None else WARM_STARTS[w][2]}
-                                for w, f in warm.items()},
-                "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
-                "jobs": a.jobs, "overrides": a.overrides,
-                "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
-                "regimes": {n: {"warm_start": w, "train_ops": list(t), "other_ops": list(o), "overrides": list(r)}
-                            for n, w, t, o, r in regimes}, "measure": list(MEASURE),
-                "wall_s": {"sft": round(t_sft), "training": round(t_train), "total": round(total)},
-                "run_wall_s": walls}
-    summary["settings"] = settings
-    report = f"""# TRACE vs GRPO: clip semantics and reward regimes
-
-{settings['date']}, {settings['machine']}. {len(seeds)} seeds, {a.steps} RL steps per run, {len(jobs)} runs
-({a.jobs} at a time, {a.nproc} process(es) each); total {total / 60:.1f} min (warm start {t_sft:.0f} s,
-training {t_train:.0f} s, evaluation {total - t_sft - t_train:.0f} s).
-
-Evaluation: avg@4 at temperature 0.6, top-p 0.95, top-k 20 on {a.eval_n} distinct held-out problems per set.
-Entropy and length: training rollouts, mean of the last 5 steps. Lift: the mean change of the sampled
-tokens' log-probs (nats) across one update, on the span rows TRACE distills (key spans of correct rollouts:
-fkl; error spans of incorrect ones: rkl) averaged over the steps with spans (TRACE's lambda > 0; grpo and
-opd_all annotated for measurement only), and on all response tokens (lift_all) over all steps.
-
-{chr(10).join(sections)}
-## Settings
-
-`{json.dumps({k: settings[k] for k in ('algorithms', 'regimes', 'warm_starts', 'measure', 'overrides',
-                                       'sft_steps')})}`
-on `--config demo` with model.path = the regime's warm start.
-"""
-    with open(os.path.join(a.out, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    summary["settings"] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine.one_line(),
+        "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
+        "slip": a.slip, "eval_n": a.eval_n, "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
+        "jobs": a.jobs, "overrides": a.overrides,
+        "warm_starts": {w: {"folder": f, "ops": list(WARM_STARTS[w][:2]),
+                            "slip": a.slip if WARM_STARTS[w][2] is None else WARM_STARTS[w][2]}
+                        for w, f in warm.items()},
+        "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
+        "regimes": {n: {"warm_start": w, "train_ops": list(t), "other_ops": list(o), "overrides": list(r)}
+                    for n, w, t, o, r in regimes}, "measure": list(MEASURE),
+        "wall_s": {"sft": round(t_sft), "training": round(t_train), "total": round(total)},
+        "run_wall_s": walls}
+    write_report(summary, a.out)
     _log(f"report: {os.path.join(a.out, 'report.md')}, total {total:.0f} s")
-    print(f"machine: {settings['machine']}", flush=True)
+    print(f"machine: {summary['settings']['machine']}", flush=True)
     return 0
 
 
