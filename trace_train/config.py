@@ -138,7 +138,7 @@ class LossConfig:
     beta: float = 0.0
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean
     advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
-    kl_term_clip: float = 0.05  # per-vocabulary-term clamp of each KL (docs/contract.md); 0: off
+    kl_term_clip: float = 0.0  # the KL clip c (docs/contract.md, kl-clip.md); 0: off, the study's choice (study.md)
     kl_clip_mode: str = "value"  # value: clamp each KL term | grad: clamp each logit-gradient entry (docs/kl-clip.md)
 
 

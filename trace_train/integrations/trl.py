@@ -61,7 +61,7 @@ class TraceGRPOConfig(GRPOConfig):
     trace_forward_kl: bool = True
     trace_reverse_kl: bool = False
     trace_span_cap: float = 0.25
-    trace_kl_term_clip: float | None = 0.05
+    trace_kl_term_clip: float | None = None  # no clip by default: docs/study.md
     trace_kl_clip_mode: str = "value"
     trace_teacher: str = "live"
     trace_correct_reward: float = 1.0
