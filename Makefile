@@ -35,8 +35,8 @@ wheel-check:
 demo: $(STAMP)
 	$(PY) -m trace_train.demo --out runs/demo $(DEMO_ARGS)
 
-# The study: grpo / trace (value, grad, no clip) / opd_all over 5 seeds in a dense and a sparse-reward regime, with
-# 95% intervals and paired differences to GRPO (runs/study/report.md).
+# The study (~35 min): grpo / trace (value clip, gradient clip, no clip) / opd_all over 8 seeds in three reward
+# regimes, with 95% intervals and paired differences to GRPO (runs/study/report.md; docs/study.md).
 study: $(STAMP)
 	$(PY) -m trace_train.study --out runs/study $(STUDY_ARGS)
 
