@@ -111,6 +111,19 @@ def test_parquet_errors_name_the_file_and_row(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_eval_refuses_an_engine_it_cannot_run_before_loading_the_model(tmp_path, capsys):
+    from trace_train.eval import main as eval_main
+    from trace_train.rollout import vllm_missing
+
+    if not vllm_missing(str(tmp_path)):
+        pytest.skip("vLLM can run here")
+    assert eval_main(["--model", str(tmp_path / "no-model"), "--arith-ops", "1-3", "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("--engine vllm: ") and "use --engine hf or auto" in err[0]
+    with pytest.raises(SystemExit):  # argparse: exit status 2 with the choices
+        eval_main(["--model", str(tmp_path), "--arith-ops", "1-3", "--engine", "sglang"])
+
+
 def test_eval_reports_a_bad_data_file_before_loading_the_model(tmp_path, capsys):
     from trace_train.eval import main as eval_main
 

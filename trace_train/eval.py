@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .dist import Dist, init_distributed, shutdown
 from .model import load_policy
 from .policy import Policy
-from .rollout import Sampling, make_engine
+from .rollout import Sampling, make_engine, vllm_missing
 from .tasks import ArithTask, DataError, Example, MathTask, Task
 
 PAPER_SAMPLING = Sampling(max_new_tokens=2048, temperature=0.6, top_k=20, top_p=0.95)
@@ -97,10 +97,13 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=PAPER_SAMPLING.top_k)
     p.add_argument("--max-new-tokens", type=int, default=PAPER_SAMPLING.max_new_tokens)
     p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--engine", default="auto")
+    p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"))
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="write the scores here as JSON")
     a = p.parse_args(argv)
+    if a.engine == "vllm" and vllm_missing(a.model):  # before anything loads: one line, exit status 2
+        print(f"--engine vllm: {'; '.join(vllm_missing(a.model))} (use --engine hf or auto)", file=sys.stderr)
+        return 2
     if a.files:  # data errors before the model loads: one line, exit status 2
         try:
             task = MathTask(a.files)

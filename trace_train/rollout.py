@@ -94,6 +94,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def vllm_missing(model_path: str) -> list[str]:
+    """Why the vLLM engine cannot run here (empty: it can)."""
+    return [why for why, bad in (("vLLM is not installed (pip install vllm)", not vllm_available()),
+                                 ("CUDA is not available", not torch.cuda.is_available()),
+                                 ("model.path is empty (vLLM loads a local folder)", not model_path)) if bad]
+
+
 def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: bool, model_path: str = "",
                 dtype: str | None = None):
     """"hf", "vllm", or "auto" (vLLM on CUDA when installed and the model is a local folder, else HF).
@@ -105,9 +112,7 @@ def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: boo
     if name not in ("auto", "hf", "vllm"):
         raise ValueError(f"train.engine: unknown {name!r} (auto | hf | vllm)")
     if name == "vllm":
-        missing = [why for why, bad in (("vLLM is not installed (pip install vllm)", not vllm_available()),
-                                        ("CUDA is not available", not torch.cuda.is_available()),
-                                        ("model.path is empty (vLLM loads a local folder)", not model_path)) if bad]
+        missing = vllm_missing(model_path)
         if missing:
             raise ValueError(f"train.engine = \"vllm\": {'; '.join(missing)}. Use train.engine = \"hf\" or \"auto\".")
     use_vllm = name == "vllm" or (name == "auto" and torch.cuda.is_available() and bool(model_path)
