@@ -101,8 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", help="write the scores here as JSON")
     a = p.parse_args(argv)
-    if a.engine == "vllm" and vllm_missing(a.model):  # before anything loads: one line, exit status 2
-        print(f"--engine vllm: {'; '.join(vllm_missing(a.model))} (use --engine hf or auto)", file=sys.stderr)
+    missing = vllm_missing(a.model) if a.engine == "vllm" else []
+    if missing:  # before anything loads: one line, exit status 2
+        print(f"--engine vllm: {'; '.join(missing)} (use --engine hf or auto)", file=sys.stderr)
         return 2
     if a.files:  # data errors before the model loads: one line, exit status 2
         try:

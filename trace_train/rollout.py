@@ -115,8 +115,7 @@ def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: boo
         missing = vllm_missing(model_path)
         if missing:
             raise ValueError(f"train.engine = \"vllm\": {'; '.join(missing)}. Use train.engine = \"hf\" or \"auto\".")
-    use_vllm = name == "vllm" or (name == "auto" and torch.cuda.is_available() and bool(model_path)
-                                  and vllm_available())
+    use_vllm = name == "vllm" or (name == "auto" and not vllm_missing(model_path))
     if use_vllm:
         from .vllm_engine import VLLMRollouts
 

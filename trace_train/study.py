@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 
     from .sft import sft
 
-    warm = {}  # warm start name -> folder
+    warm, warm_info = {}, {}  # warm start name -> folder; -> what summary.json records of it
     for w in dict.fromkeys(r[1] for r in regimes):
         min_ops, max_ops, slip = WARM_STARTS[w]
         slip = a.slip if slip is None else slip
@@ -270,6 +270,7 @@ def main(argv=None) -> int:
             warm[w] = os.path.join(a.out, w)
             _log(f"{w}: {a.sft_steps} supervised steps on {min_ops}-{max_ops} operations, slip {slip} -> {warm[w]}")
             sft(cfg.model, warm[w], a.sft_steps, min_ops=min_ops, max_ops=max_ops, slip=slip, log=lambda s: None)
+        warm_info[w] = {"folder": warm[w], "ops": [min_ops, max_ops], "slip": slip}
     t_sft = time.perf_counter() - t_start
 
     jobs = [(regime, w, alg, seed, (*MEASURE, *r_over, *a.overrides, *a_over))
@@ -321,9 +322,7 @@ def main(argv=None) -> int:
         "machine_info": machine.describe(), "seeds": seeds, "steps": a.steps, "sft_steps": a.sft_steps,
         "slip": a.slip, "eval_n": a.eval_n, "eval_max_new_tokens": a.eval_max_new_tokens, "nproc": a.nproc,
         "jobs": a.jobs, "overrides": a.overrides,
-        "warm_starts": {w: {"folder": f, "ops": list(WARM_STARTS[w][:2]),
-                            "slip": a.slip if WARM_STARTS[w][2] is None else WARM_STARTS[w][2]}
-                        for w, f in warm.items()},
+        "warm_starts": warm_info,
         "algorithms": {n: [alg, list(o)] for n, alg, o in ALGORITHMS},
         "regimes": {n: {"warm_start": w, "train_ops": list(t), "other_ops": list(o), "overrides": list(r)}
                     for n, w, t, o, r in regimes}, "measure": list(MEASURE),
