@@ -33,12 +33,12 @@ wheel-check:
 
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
-	$(PY) -m trace_train.demo --out runs/demo $(DEMO_ARGS)
+	$(PY) -m trace_train.experiments.demo --out runs/demo $(DEMO_ARGS)
 
 # The study (~35 min): grpo / trace (value clip, gradient clip, no clip) / opd_all over 8 seeds in three reward
 # regimes, with 95% intervals and paired differences to GRPO (runs/study/report.md; docs/study.md).
 study: $(STAMP)
-	$(PY) -m trace_train.study --out runs/study $(STUDY_ARGS)
+	$(PY) -m trace_train.experiments.study --out runs/study $(STUDY_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_loss --quick

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks the artifact, not the checkout: builds the wheel from the files a clone has, installs it with its
-# `train` extra into a fresh virtual environment, and from a directory outside the repository imports both
-# packages, runs every console command's --help and two training steps of the shipped toy config.
+# `train` extra into a fresh virtual environment, checks that it installs no top-level name but trace_kernels and
+# trace_train, and from a directory outside the repository imports both packages, runs every console command's
+# --help, one tiny case of the benchmark suite, and two training steps of the shipped toy config with 1 and with
+# 2 ranks (torchrun on gloo), whose metrics agree.
 #
 #   .ci/check_wheel.sh            (`make wheel-check`; `make test` runs it)
 #
@@ -35,6 +37,17 @@ VPY="$WORK/venv/bin/python"
 step "build the wheel"
 "$VPY" -m pip wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK/dist"/trace_kernels-*.whl)
+step "top-level names in $(basename "$WHEEL")"
+"$VPY" - "$WHEEL" <<'EOF'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+assert top == {"trace_kernels", "trace_train"}, f"the wheel installs {sorted(top)} at the top of site-packages"
+assert "trace_train/benchmarks/bench_loss.py" in names, "the benchmark suite is missing from the wheel"
+meta = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+assert not meta or set(zipfile.ZipFile(sys.argv[1]).read(meta[0]).decode().split()) == top, meta
+print("top level:", ", ".join(sorted(top)))
+EOF
 step "install $(basename "$WHEEL")[train]"
 "$VPY" -m pip install -q "$WHEEL[train]"
 
@@ -55,15 +68,34 @@ for cmd in trace-train trace-train-demo trace-study trace-eval trace-bench; do
     "$WORK/venv/bin/$cmd" --help > /dev/null || { echo "$cmd --help failed" >&2; exit 1; }
 done
 
-step "trace-train --config toy train.max_steps=2"
-"$WORK/venv/bin/trace-train" --config toy train.max_steps=2 "train.output_dir=$WORK/out" > "$WORK/train.log" 2>&1 \
-    || { tail -n 30 "$WORK/train.log" >&2; exit 1; }
-"$VPY" - "$WORK/out/metrics.jsonl" <<'EOF'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-assert len(rows) == 2, f"metrics.jsonl has {len(rows)} rows, expected 2"
-assert [r["step"] for r in rows] == [0, 1], [r["step"] for r in rows]
-assert all(r["loss"] == r["loss"] and 0 <= r["reward"] <= 1 for r in rows), rows  # finite-ish, in range
-print("metrics.jsonl: 2 rows, steps 0 and 1")
+step "trace-bench: one tiny case"
+"$WORK/venv/bin/trace-bench" --case trace --n 64 --h 32 --v 300 --impls trace_torch,naive --repeats 1 --no-plots \
+    --out "$WORK/bench" > "$WORK/bench.log" 2>&1 || { tail -n 30 "$WORK/bench.log" >&2; exit 1; }
+"$VPY" - "$WORK/bench/results.csv" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+assert [r["impl"] for r in rows] == ["trace_torch", "naive"] and all(r["status"] == "ok" for r in rows), rows
+print("trace-bench: 2 rows, status ok")
+EOF
+
+export OMP_NUM_THREADS=1  # two ranks on a small shared machine: far faster than oversubscribed threads
+step "trace-train --config toy train.max_steps=2 (1 process)"
+"$WORK/venv/bin/trace-train" --config toy train.max_steps=2 "train.output_dir=$WORK/out1" > "$WORK/train1.log" 2>&1 \
+    || { tail -n 30 "$WORK/train1.log" >&2; exit 1; }
+step "torchrun --nproc_per_node=2 trace-train --config toy train.max_steps=2 (2 ranks, gloo)"
+"$WORK/venv/bin/torchrun" --standalone --nproc_per_node=2 "$WORK/venv/bin/trace-train" --config toy \
+    train.max_steps=2 "train.output_dir=$WORK/out2" > "$WORK/train2.log" 2>&1 \
+    || { tail -n 30 "$WORK/train2.log" >&2; exit 1; }
+"$VPY" - "$WORK/out1/metrics.jsonl" "$WORK/out2/metrics.jsonl" <<'EOF'
+import json, math, sys
+one, two = ([json.loads(line) for line in open(p) if line.strip()] for p in sys.argv[1:3])
+for rows in (one, two):
+    assert [r["step"] for r in rows] == [0, 1], [r["step"] for r in rows]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in rows), rows
+# 2 ranks sample what 1 process samples (seeded per rollout): counts equal, sums to float tolerance
+for a, b in zip(one, two):
+    assert (a["reward"], a["response_length"]) == (b["reward"], b["response_length"]), (a, b)
+    assert math.isclose(a["loss"], b["loss"], rel_tol=2e-4, abs_tol=1e-9), (a["loss"], b["loss"])
+print("metrics.jsonl: steps 0 and 1 in both; 2 ranks equal 1 process (reward, length exact; loss rel 2e-4)")
 EOF
 step "ok"

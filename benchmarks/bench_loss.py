@@ -32,9 +32,9 @@ import time
 
 import torch
 
-from benchmarks.impls import ALL_CASES, IMPLS, make_problem
-from benchmarks.rss import reset_peak, status_kb
-from benchmarks.traffic import predict
+from .impls import ALL_CASES, IMPLS, make_problem
+from .rss import reset_peak, status_kb
+from .traffic import predict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,7 +118,7 @@ def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, d
 
 def run_fresh(args, name: str, case: str, n: int, v: int, m: int) -> dict:
     """One CPU measurement in a fresh process, so that its peak resident set is its own."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_loss", "--worker", json.dumps(
+    cmd = [sys.executable, "-m", f"{__package__}.bench_loss", "--worker", json.dumps(
         {"name": name, "case": case, "n": n, "h": args.h, "v": v, "m": m, "dtype": args.dtype,
          "repeats": args.repeats})]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -233,7 +233,7 @@ def write_outputs(rows, out, card, rate, stamp, args):
     head += ", load average (1, 5, 15 min) at start {:.2f} {:.2f} {:.2f}, at end {:.2f} {:.2f} {:.2f}".format(
         *args.load_start, *os.getloadavg())
     if any(r["impl"] == "trl" and "median_s" in r for r in rows):
-        from benchmarks import trl_impl
+        from . import trl_impl
         k = trl_impl.kernels()
         head += f", trl {k.version} ({'package import' if k.how == 'trl' else k.how})"
     lines = [head, "", "| case | impl | N | V | median s (min-max) | peak extra MB | time / naive | memory / naive "

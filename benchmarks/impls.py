@@ -31,7 +31,7 @@ class Problem:
 
 
 def make_problem(case: str, n: int, h: int, v: int, m: int, *, dtype, device, seed: int = 0) -> Problem:
-    from benchmarks.problem import make_inputs
+    from .problem import make_inputs
 
     kw = make_inputs(n, h, v, m if case == "trace" else 0, dtype=dtype, device=device, seed=seed)
     kw.pop("kl_term_clip", None)  # Liger has no per-term clip: compare like with like
@@ -133,7 +133,7 @@ def _torch_linear_ce(p: Problem):
 
 
 def _trl(p: Problem):
-    from benchmarks import trl_impl  # imports trl only when its rows run
+    from . import trl_impl  # imports trl only when its rows run
 
     return trl_impl.build(p)
 
@@ -159,7 +159,7 @@ class Impl:
             if os.environ.get("TRITON_INTERPRET") != "1":
                 return "Triton runs on CUDA (or TRITON_INTERPRET=1)"
         if self.name == "trl":
-            from benchmarks import trl_impl
+            from . import trl_impl
             try:
                 trl_impl.kernels()
             except ImportError as e:

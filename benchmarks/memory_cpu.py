@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.rss import reset_peak, status_kb
+from .rss import reset_peak, status_kb
 
 IMPLS = {"naive": "reference", "trace_torch": "torch"}
 
@@ -32,7 +32,8 @@ def worker(args) -> dict:
     import torch
 
     import trace_kernels as tk
-    from benchmarks.problem import make_inputs
+
+    from .problem import make_inputs
 
     torch.set_num_threads(os.cpu_count() or 1)
     kw = make_inputs(args.n, args.h, args.v, args.m, seed=args.seed)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     runs = [(name, budget) for name in args.impls.split(",")
             for budget in (args.budget_mb.split(",") if name != "naive" else ["0"])]
     for name, budget in runs:
-        cmd = [sys.executable, "-m", "benchmarks.memory_cpu", "--worker", name, f"--budget-mb={budget}"] + [
+        cmd = [sys.executable, "-m", f"{__package__}.memory_cpu", "--worker", name, f"--budget-mb={budget}"] + [
             f"--{k}={getattr(args, k)}" for k in ("n", "h", "v", "m", "repeats", "seed")]
         print(f"running {name} (budget {budget} MB) in a fresh process ...", flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True)

@@ -41,12 +41,13 @@ def draw_batch(seed: int, seqs: int, vocab: int) -> tuple[list[list[int]], list[
 def worker(args) -> dict:
     import torch
 
-    from benchmarks.rss import reset_peak, status_kb
     from trace_train.config import LossConfig, ModelConfig
     from trace_train.model import build_char_tokenizer, build_tiny_model, make_batch
     from trace_train.policy import Policy
     from trace_train.routing import route
     from trace_train.step import batch_loss
+
+    from .rss import reset_peak, status_kb
 
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer()
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             order = ("padded", "packed") if r % 2 == 0 else ("packed", "padded")
             for layout in order:
-                cmd = [sys.executable, "-m", "benchmarks.packing_cpu", "--worker", layout, f"--batch-seed={b}",
+                cmd = [sys.executable, "-m", f"{__package__}.packing_cpu", "--worker", layout, f"--batch-seed={b}",
                        f"--steps={args.steps}", f"--seqs={args.seqs}", f"--hidden={args.hidden}",
                        f"--layers={args.layers}", f"--threads={args.threads}"]
                 env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(args.threads)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.impls import IMPLS, make_problem
+from .impls import IMPLS, make_problem
 
 
 @pytest.mark.parametrize("case", ["trace", "grpo", "logprob"])

@@ -3,7 +3,7 @@ with `TraceGRPOTrainer` (a drop-in `trl.GRPOTrainer`) and a `TraceGRPOConfig`.
 
     python examples/trl_trace.py [--sft-steps 40] [--steps 6] [--out /tmp/trl_trace]
 
-1. A short supervised warm start (trace_train.sft) so that some rollouts are correct.
+1. A short supervised warm start (trace_train.experiments.sft) so that some rollouts are correct.
 2. TRL's GRPO loop, with the loss computed by trace_loss from hidden states: while lambda > 0 the exact
    rule annotator of the synthetic task marks key spans of correct rollouts (forward KL) and error spans
    of incorrect ones (reverse KL); the same model, shown the problem's reference solution and the
@@ -32,12 +32,11 @@ def main(argv=None) -> int:
 
     from datasets import Dataset
 
-    from trace_train import arith
     from trace_train.annotate import RuleAnnotator
     from trace_train.config import ModelConfig
+    from trace_train.experiments.sft import sft
     from trace_train.integrations.trl import TraceGRPOConfig, TraceGRPOTrainer
-    from trace_train.sft import sft
-    from trace_train.tasks import ArithTask
+    from trace_train.tasks import ArithTask, arith
 
     t0 = time.perf_counter()
     out = a.out or tempfile.mkdtemp(prefix="trl_trace_")

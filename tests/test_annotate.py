@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from trace_train import annotate, arith  # noqa: E402
+from trace_train import annotate  # noqa: E402
 from trace_train.annotate import (  # noqa: E402
     AnnotationError,
     ApiAnnotator,
@@ -24,7 +24,7 @@ from trace_train.annotate import (  # noqa: E402
     parse_annotation,
     segments,
 )
-from trace_train.tasks import ArithTask  # noqa: E402
+from trace_train.tasks import ArithTask, arith  # noqa: E402
 
 DIAG = arith.DIAGNOSTICS
 RESPONSE = "3+4=7,7*2=4;4"

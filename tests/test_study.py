@@ -1,5 +1,5 @@
-"""`python -m trace_train.study` end to end in tiny mode (runs in this process, 2 seeds, 2 steps, tiny batches
-and evaluation), checking the report's structure; and the interval arithmetic it rests on."""
+"""`python -m trace_train.experiments.study` end to end in tiny mode (runs in this process, 2 seeds, 2 steps,
+tiny batches and evaluation), checking the report's structure; and the interval arithmetic it rests on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from trace_train.stats import mean_ci, paired_diff, t975
+from trace_train.experiments.stats import mean_ci, paired_diff, t975
 
 pytest.importorskip("transformers")
 
@@ -29,7 +29,7 @@ def test_t_interval():
 
 
 def test_study_tiny_end_to_end(tmp_path, capsys):
-    from trace_train.study import ALGORITHMS, QUANTITIES, REGIMES, main
+    from trace_train.experiments.study import ALGORITHMS, QUANTITIES, REGIMES, main
 
     assert main(["--out", str(tmp_path), *TINY]) == 0
     assert "machine: " in capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_study_tiny_end_to_end(tmp_path, capsys):
 
 
 def test_study_arguments_checked_before_any_work(tmp_path):
-    from trace_train.study import main
+    from trace_train.experiments.study import main
 
     with pytest.raises(SystemExit, match="--regimes: unknown"):
         main(["--out", str(tmp_path / "a"), "--regimes", "dense,bogus"])

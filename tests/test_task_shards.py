@@ -8,9 +8,8 @@ import random
 
 import pytest
 
-from trace_train import tasks
 from trace_train.eval import shard_bounds
-from trace_train.tasks import ArithTask, MathTask
+from trace_train.tasks import ArithTask, MathTask, math_problems
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def test_math_epoch_order_computed_once(math_task, monkeypatch):
             super().shuffle(x)
 
     reference = [e.problem for st in range(6) for e in math_task.examples(2, st, 4)]
-    monkeypatch.setattr(tasks.random, "Random", Counting)
+    monkeypatch.setattr(math_problems.random, "Random", Counting)
     fresh = MathTask.__new__(MathTask)
     fresh.items, fresh.tokenizer, fresh._orders = math_task.items, None, {}
     got = [e.problem for st in range(6) for e in fresh.examples(2, st, 4)]

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from trace_train import arith
 from trace_train.config import load_config, save_config
 from trace_train.routing import cap_spans, group_advantages, lambda_at, route
+from trace_train.tasks import arith
 
 # ---- config
 

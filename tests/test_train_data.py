@@ -10,14 +10,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from trace_train import arith  # noqa: E402
 from trace_train.config import LossConfig, ModelConfig  # noqa: E402
 from trace_train.model import build_char_tokenizer, build_tiny_model, make_batch, response_hidden  # noqa: E402
 from trace_train.policy import Policy  # noqa: E402
 from trace_train.rollout import HFRollouts, Sampling, filter_logits  # noqa: E402
 from trace_train.routing import route  # noqa: E402
 from trace_train.step import batch_loss, pack  # noqa: E402
-from trace_train.tasks import ArithTask, DataError, MathTask, math_reward, read_examples  # noqa: E402
+from trace_train.tasks import ArithTask, DataError, MathTask, arith, math_reward, read_examples  # noqa: E402
 
 RECORDS = [{"problem": "What is 1/2 + 1/4?", "solution": "1/2 + 1/4 = 2/4 + 1/4 = 3/4.", "answer": "\\frac{3}{4}"},
            {"problem": "Compute 7 * 6.", "solution": "7 * 6 = 42.", "answer": "42", "source": "extra field"},

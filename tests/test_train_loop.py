@@ -120,8 +120,8 @@ def test_grpo_raises_the_reward_on_a_small_problem_pool(tmp_path):
     with the margin taken from the spread measured under every kernel set (above); it fails with the update
     disabled or the advantage sign flipped."""
     from trace_train.config import ModelConfig
+    from trace_train.experiments.sft import sft
     from trace_train.model import load_policy
-    from trace_train.sft import sft
 
     warm = tmp_path / "warm"
     sft(ModelConfig(), str(warm), steps=100, batch=64, min_ops=1, max_ops=2, log=lambda s: None)

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from trace_train import checkpoint as checkpoint_mod  # noqa: E402
 from trace_train import train as train_mod  # noqa: E402
 from trace_train.config import RANGES, Config, load_config  # noqa: E402
 from trace_train.dist import decoder_layers, init_distributed, shutdown  # noqa: E402
@@ -270,7 +271,7 @@ def test_prune_keeps_the_latest_k_and_the_one_latest_json_names(tmp_path):
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step:06d}").mkdir()
     (tmp_path / "checkpoint-notes").mkdir()  # not a step checkpoint: left alone
-    removed = train_mod.prune_checkpoints(str(tmp_path), keep=2, protect=str(tmp_path / "checkpoint-000008"))
+    removed = checkpoint_mod.prune_checkpoints(str(tmp_path), keep=2, protect=str(tmp_path / "checkpoint-000008"))
     assert sorted(os.path.basename(p) for p in removed) == ["checkpoint-000002", "checkpoint-000004"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-000006", "checkpoint-000008", "checkpoint-notes"]
 
@@ -278,14 +279,14 @@ def test_prune_keeps_the_latest_k_and_the_one_latest_json_names(tmp_path):
 def test_keep_checkpoints_in_a_run_and_old_ones_removed_only_after_the_marker(tmp_path, monkeypatch):
     """keep_checkpoints = 1: after each save only the newest checkpoint remains, and at the moment older ones
     are removed latest.json already names the new one (a crash before leaves the old ones, never fewer)."""
-    real = train_mod.prune_checkpoints
+    real = checkpoint_mod.prune_checkpoints
     marker_at_prune = []
 
     def spy(out_dir, keep, protect):
         marker_at_prune.append((json.load(open(os.path.join(out_dir, "latest.json")))["path"], protect))
         return real(out_dir, keep, protect)
 
-    monkeypatch.setattr(train_mod, "prune_checkpoints", spy)
+    monkeypatch.setattr(checkpoint_mod, "prune_checkpoints", spy)
     cfg = load_config("toy", [f"train.output_dir={tmp_path}", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
                               "train.max_new_tokens=4", "train.max_steps=3", "train.checkpoint_every=1",
                               "train.keep_checkpoints=1", "train.algorithm=grpo", "train.export_hf=false"])

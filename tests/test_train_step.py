@@ -8,7 +8,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from trace_train import arith  # noqa: E402
 from trace_train.config import LossConfig, ModelConfig  # noqa: E402
 from trace_train.model import (  # noqa: E402
     build_char_tokenizer,
@@ -22,6 +21,7 @@ from trace_train.model import (  # noqa: E402
 from trace_train.policy import Policy  # noqa: E402
 from trace_train.routing import route  # noqa: E402
 from trace_train.step import batch_loss, teacher_rows_for  # noqa: E402
+from trace_train.tasks import arith  # noqa: E402
 
 
 @pytest.fixture(scope="module")

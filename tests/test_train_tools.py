@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from trace_train.config import load_config, shipped_configs  # noqa: E402
 from trace_train.eval import main as eval_main  # noqa: E402
-from trace_train.plot import main as plot_main  # noqa: E402
+from trace_train.experiments.plot import main as plot_main  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -47,7 +47,7 @@ def test_sft_then_eval_and_plot(tmp_path, capsys):
     """A few warm-start steps lower the NLL; eval writes avg@k scores of the saved folder; the plot script
     draws curves from a run's metrics."""
     from trace_train.config import ModelConfig
-    from trace_train.sft import sft
+    from trace_train.experiments.sft import sft
 
     losses = sft(ModelConfig(), str(tmp_path / "warm"), steps=30, batch=32, log=lambda s: None)
     assert losses[-1] < losses[0] - 0.5
@@ -68,7 +68,7 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path):
     """The demo's whole path with tiny budgets: warm start, 4 runs under torchrun x2, evaluation,
     report, plots, and the table printed last."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "trace_train.demo", "--out", str(out), "--seeds", "0", "--steps", "2",
+    cmd = [sys.executable, "-m", "trace_train.experiments.demo", "--out", str(out), "--seeds", "0", "--steps", "2",
            "--sft-steps", "5", "--eval-n", "4", "train.prompts_per_step=2", "train.rollouts_per_prompt=2",
            "train.max_new_tokens=8"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
@@ -93,7 +93,7 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path):
 
 
 def test_held_out_problems_are_distinct_and_unseen():
-    from trace_train.demo import held_out
+    from trace_train.experiments.demo import held_out
     from trace_train.tasks import ArithTask
 
     task = ArithTask(1, 1)  # 300 possible problems: duplicates are frequent in a random stream

@@ -19,7 +19,7 @@ from trace_train import rollout  # noqa: E402
 from trace_train.config import ModelConfig, load_config  # noqa: E402
 from trace_train.model import build_char_tokenizer, build_tiny_model  # noqa: E402
 from trace_train.policy import Policy  # noqa: E402
-from trace_train.sampling import Sampling  # noqa: E402
+from trace_train.rollout.sampling import Sampling  # noqa: E402
 
 
 class FakeSamplingParams:
@@ -73,10 +73,10 @@ def vllm_engine(monkeypatch):
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = FakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.delitem(sys.modules, "trace_train.vllm_engine", raising=False)
+    monkeypatch.delitem(sys.modules, "trace_train.rollout.vllm", raising=False)
     FakeLLM.instances.clear()
-    yield importlib.import_module("trace_train.vllm_engine")
-    sys.modules.pop("trace_train.vllm_engine", None)
+    yield importlib.import_module("trace_train.rollout.vllm")
+    sys.modules.pop("trace_train.rollout.vllm", None)
 
 
 @pytest.fixture(scope="module")
@@ -149,19 +149,20 @@ def test_generate_sleeps_again_when_generation_fails(vllm_engine, policy_tok, mo
     assert eng.dtype == torch.float32  # default: the policy's own dtype
 
 
-def test_rollout_and_vllm_engine_do_not_import_each_other():
-    """The shared types live in trace_train.sampling; vllm_engine never imports rollout (whose make_engine
-    imports vllm_engine lazily, inside the function)."""
+def test_the_engines_import_only_the_shared_types():
+    """The engines (rollout/hf.py, rollout/vllm.py) import rollout/sampling.py and never each other; the package's
+    make_engine imports the vLLM engine lazily, inside the function, so the package imports without vLLM."""
     import ast
     import os
 
     folder = os.path.dirname(rollout.__file__)
-    for name, other in (("rollout", "vllm_engine"), ("vllm_engine", "rollout")):
+    for name, other in (("hf", "vllm"), ("vllm", "hf")):
         tree = ast.parse(open(os.path.join(folder, f"{name}.py")).read())
-        top = [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
-        assert other not in top and "sampling" in top, (name, top)
-    tree = ast.parse(open(os.path.join(folder, "vllm_engine.py")).read())
-    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "rollout"]
+        local = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+        assert other not in local and None not in local and local == ["sampling"], (name, local)
+    tree = ast.parse(open(os.path.join(folder, "__init__.py")).read())
+    top = [n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert "vllm" not in top and {"hf", "sampling"} <= set(top), top
 
 
 def test_engine_vllm_without_vllm_is_an_error(policy_tok, monkeypatch):

@@ -1,7 +1,7 @@
 """Span annotators: key spans on correct rollouts, error spans (plus a coarse diagnostic type) on incorrect
 ones, as character ranges of the response text.
 
-- `rule`: the synthetic task's exact annotator (trace_train.arith).
+- `rule`: the synthetic task's exact annotator (trace_train.tasks.arith).
 - `api`: any OpenAI-compatible chat-completions endpoint (a stronger model, a local server).
 - `self`: the policy itself answers the same annotation prompt (online self-annotation).
 

@@ -15,23 +15,15 @@ import argparse
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
-from .annotate import FAILURE_KINDS, ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
+from . import metrics
+from .annotate import ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
+from .checkpoint import drop_metrics_from, export_hf, load_checkpoint, save_checkpoint, sync_snapshot
 from .config import Config, load_config, save_config
 from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
 from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
@@ -78,12 +70,6 @@ def run(cfg: Config) -> list[dict]:
         shutdown()
 
 
-# The per-step sums every rank contributes (all-reduced once per step, in this order on every rank).
-SUM_KEYS = ("dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped",
-            "reward", "finished", "annotated", "lift", "lift_n", "lift_fkl", "lift_fkl_n", "lift_rkl", "lift_rkl_n",
-            "lift_all") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
-
-
 @dataclass
 class StepRollouts:
     """One step's rollouts on this rank, with rewards, advantages and (while lambda > 0) spans."""
@@ -108,7 +94,8 @@ class StepRollouts:
 class Trainer:
     """The run, split the way torchtitan splits its trainer: `train` (the step loop: snapshot sync,
     metrics, checkpoints), `train_step` (rollouts -> spans -> micro-batches -> optimizer step) and
-    `micro_batch` (one forward + backward); the metrics of a step are computed in `step_metrics` only."""
+    `micro_batch` (one forward + backward); the step's sums and metrics are made in trace_train.metrics, called
+    from one line in each (the bookkeeping does not interleave the forward, backward and optimizer step)."""
 
     def __init__(self, cfg: Config, d: Dist):
         t, tc = cfg.train, cfg.trace
@@ -150,14 +137,14 @@ class Trainer:
         for step in range(self.start, t.max_steps):
             if self.snapshot is not None and step % self.cfg.trace.snapshot_every == 0:
                 sync_snapshot(self.snapshot, self.policy)
-            metrics = self.train_step(step)
-            history.append(metrics)
+            row = self.train_step(step)
+            history.append(row)
             if d.main:
                 with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(json.dumps(row) + "\n")
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", lam=f"{metrics['lambda']:.2f}",
-                            len=f"{metrics['response_length']:.0f}", ent=f"{metrics['entropy']:.2f}")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", lam=f"{row['lambda']:.2f}",
+                            len=f"{row['response_length']:.0f}", ent=f"{row['entropy']:.2f}")
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
                 save_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, step + 1, d, self.sched,
                                 keep=t.keep_checkpoints)
@@ -211,45 +198,47 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step: rollouts, spans, every micro-batch's forward and backward (gradients reduced
         once, on the last), clipping, AdamW and the schedule; returns the step's metrics."""
-        t, d, tok, task = self.cfg.train, self.d, self.tok, self.task
+        t = self.cfg.train
         t0 = time.perf_counter()
         s = self.rollouts(step)
         t_rollout = time.perf_counter() - t0
         self.annotate(step, s)
         t_annotate = time.perf_counter() - t0 - t_rollout
 
-        # Micro-batches by token budget; every rank runs as many (empty ones on a dummy) and the teacher
-        # whenever any rank needs it, so that FSDP's collectives line up.
-        teacher_prompts = ([tok(task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
-                            for ex, dg in zip(s.owners, s.diagnostics)] if s.lam > 0 else [[] for _ in s.lens])
-        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(s.ro.prompts, teacher_prompts, s.lens)]
-        groups = pack(sizes, t.micro_batch_tokens)
-        n_micro = int(d.all_max([len(groups)])[0])
-        sums = dict.fromkeys(SUM_KEYS, 0.0)
-        sums["dummies"] = float(n_micro - len(groups))
+        teacher_prompts = self.teacher_prompts(s)
+        groups = self.micro_batches(s, teacher_prompts)
+        sums = metrics.new_sums(dummies=sum(1 for g in groups if not g))
         self.policy.train()  # rollouts may have left it in eval mode; checkpointing needs training mode
         before = []  # per micro-batch: the response tokens' log-probs under the weights before the update
-        for g in range(n_micro):
+        for g, idx in enumerate(groups):
             # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
             if t.grad_sync == "step":
-                set_gradient_sync(self.policy, g == n_micro - 1)
-            before.append(self.micro_batch(s, groups[g] if g < len(groups) else [], teacher_prompts, sums))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
+                set_gradient_sync(self.policy, g == len(groups) - 1)
+            before.append(self.micro_batch(s, idx, teacher_prompts, sums))
+        grad_norm, lr = self.optimizer_step()
         if t.lift_metric:
-            self.lift(s, [groups[g] if g < len(groups) else [] for g in range(n_micro)], before, sums)
-        sums["reward"] = s.rewards.sum().item()
-        sums["finished"] = float(sum(s.ro.finished))
-        sums["annotated"] = float(sum(1 for a in s.key if a) + sum(1 for a in s.err if a))
-        for kind in FAILURE_KINDS:
-            sums[f"annotator_failures/{kind}"] = float(s.failures.get(kind, 0))
-        return self.step_metrics(step, s, sums, grad_norm.item(), lr, n_micro,
+            self.lift(s, groups, before, sums)
+        metrics.add_rollouts(sums, s.rewards, s.ro.finished, s.key, s.err, s.failures)
+        return self.step_metrics(step, s, sums, grad_norm, lr, len(groups),
                                  dict(time_rollout_s=t_rollout, time_annotate_s=t_annotate,
                                       time_train_s=time.perf_counter() - t0 - t_rollout - t_annotate))
+
+    def teacher_prompts(self, s: StepRollouts) -> list[list[int]]:
+        """Each rollout's privileged prompt (problem, reference solution, the annotator's diagnostic) while
+        lambda > 0; empty prompts otherwise (no teacher forward)."""
+        if s.lam <= 0:
+            return [[] for _ in s.lens]
+        return [self.tok(self.task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
+                for ex, dg in zip(s.owners, s.diagnostics)]
+
+    def micro_batches(self, s: StepRollouts, teacher_prompts: list[list[int]]) -> list[list[int]]:
+        """The rollouts of each micro-batch, packed by train.micro_batch_tokens (student and teacher tokens).
+        Every rank runs as many micro-batches as the rank with the most (the extra ones empty: a zero-weight
+        dummy), so that FSDP's collectives line up."""
+        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(s.ro.prompts, teacher_prompts, s.lens)]
+        groups = pack(sizes, self.cfg.train.micro_batch_tokens)
+        n_micro = int(self.d.all_max([len(groups)])[0])
+        return groups + [[] for _ in range(n_micro - len(groups))]
 
     def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict) -> torch.Tensor | None:
         """Forward and backward of the rollouts `idx` (empty: a one-token, zero-weight dummy, for a rank with
@@ -261,40 +250,36 @@ class Trainer:
                         forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl,
                         opd_all_direction=tc.opd_all_direction, aggregation=lc.aggregation,
                         global_responses=int(s.b_global), global_tokens=int(s.n_global))
+        # The teacher runs on every rank whenever any rank distills, so that FSDP's collectives line up.
         needed = d.all_max([float(routing.has_kl)])[0] > 0
+        common = dict(snapshot=self.snapshot, teacher_needed=needed, temperature=t.temperature, packing=t.packing,
+                      packing_row_tokens=t.packing_row_tokens)
+        pad = self.tok.pad_token_id
         if idx:
-            out = batch_loss(self.policy, self.tok.pad_token_id, [s.ro.prompts[i] for i in idx],
-                             [s.ro.responses[i] for i in idx], s.advantages[idx], routing, lc,
-                             teacher_prompts=[teacher_prompts[i] for i in idx], snapshot=self.snapshot,
-                             teacher_needed=needed, temperature=t.temperature, packing=t.packing,
-                             packing_row_tokens=t.packing_row_tokens)
+            out = batch_loss(self.policy, pad, [s.ro.prompts[i] for i in idx], [s.ro.responses[i] for i in idx],
+                             s.advantages[idx], routing, lc, teacher_prompts=[teacher_prompts[i] for i in idx],
+                             **common)
         else:
-            pad = self.tok.pad_token_id
-            dummy = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
-            out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), dummy, lc, snapshot=self.snapshot,
-                             teacher_needed=needed, temperature=t.temperature, packing=t.packing,
-                             packing_row_tokens=t.packing_row_tokens)
+            routing = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
+            out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, **common)
         if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
             self.snapshot.reshard()
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
-        sums["loss"] += out.loss.item()
-        if not idx:
-            return None
-        sums["entropy"] += out.entropy.sum().item()
-        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]).to(out.logprobs.device)
-        ratio = torch.exp(out.logprobs - sampler_lp)
-        sums["clipped"] += ((ratio < 1 - lc.clip_low) | (ratio > 1 + lc.clip_high)).sum().item()
-        for name, w in (("fkl", routing.fkl_weight_M), ("rkl", routing.rkl_weight_M)):
-            vals = getattr(out, name)
-            if vals is not None:
-                rows = (w > 0).to(vals.device)
-                sums[name] += vals[rows].sum().item()
-                sums[name + "_n"] += rows.sum().item()
-        sums["kl_rows"] += routing.kl_index_M.numel()
-        sums["teacher"] += len(routing.teacher_responses)
-        return out.logprobs.detach()
+        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]) if idx else None
+        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high)
+        return out.logprobs.detach() if idx else None
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Gradient clipping, AdamW and the schedule; returns (gradient norm before clipping, learning rate)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.train.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
+        return grad_norm.item(), lr
 
     def lift(self, s: StepRollouts, groups: list[list[int]], before: list, sums: dict) -> None:
         """The lift metric: after the optimizer step, one no-grad forward of every micro-batch (the same groups,
@@ -311,50 +296,27 @@ class Trainer:
                                       packing=t.packing, packing_row_tokens=t.packing_row_tokens)
             if not idx:
                 continue
-            delta = (lp_after - lp_before.to(lp_after.device)).double().cpu()
-            sums["lift_all"] += delta.sum().item()
             spans = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
                           [s.err[i] for i in idx], algorithm="trace", lam=tc.w0, w0=tc.w0,
                           forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl)
-            for name, w in (("lift_fkl", spans.fkl_weight_M), ("lift_rkl", spans.rkl_weight_M)):
-                rows = spans.kl_index_M[w > 0]
-                sums[name] += delta[rows].sum().item()
-                sums[name + "_n"] += rows.numel()
-            sums["lift"] += delta[spans.kl_index_M].sum().item()
-            sums["lift_n"] += spans.kl_index_M.numel()
+            metrics.add_lift(sums, (lp_after - lp_before.to(lp_after.device)).double().cpu(), spans)
 
     def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
                      times: dict) -> dict:
         """The step's metrics from every rank's sums (one all-reduce, the same on every rank)."""
         t, d = self.cfg.train, self.d
-        tot = dict(zip(SUM_KEYS, d.all_sum([sums[k] for k in SUM_KEYS])))
-        fail_names = [k for k in SUM_KEYS if k.startswith("annotator_failures/")]
-        n_failed = int(sum(tot[n] for n in fail_names))
-        b, n = s.b_global, s.n_global
+        tot = dict(zip(metrics.SUM_KEYS, d.all_sum([sums[k] for k in metrics.SUM_KEYS])))
+        out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, lift_metric=t.lift_metric)
         if s.annotating:
-            self.all_failed_streak = self.all_failed_streak + 1 if n_failed == b else 0
+            self.all_failed_streak = self.all_failed_streak + 1 if out["annotator_failures"] == s.b_global else 0
             if self.all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:
                 log.warning("!!! step %d: every annotation job failed on %d annotated steps in a row: no spans, no "
                             "KL, so this TRACE run is training as plain GRPO. Check the annotator "
                             "(annotator_failures/* in %s, the lines above).", step, self.all_failed_streak,
                             self.metrics_path)
-        return {
-            "step": step, "algorithm": t.algorithm, "loss": tot["loss"], "lambda": s.lam,
-            "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
-            "entropy": tot["entropy"] / n, "response_length": n / b,
-            "truncated": 1.0 - tot["finished"] / b,
-            "fkl": tot["fkl"] / tot["fkl_n"] if tot["fkl_n"] else None,
-            "rkl": tot["rkl"] / tot["rkl_n"] if tot["rkl_n"] else None,
-            "span_fraction": tot["kl_rows"] / n, "teacher_rollouts": int(tot["teacher"]),
-            "annotated_rollouts": int(tot["annotated"]), "annotator_failures": n_failed,
-            **{k: int(tot[k]) for k in fail_names},
-            "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
-            "clip_fraction": tot["clipped"] / n, "grad_norm": grad_norm, "lr": lr, "micro_batches": n_micro,
-            "dummy_micro_batches": int(tot["dummies"]),
-            # nats per token; None where no row was measured (train.lift_metric off, or no spans at this step)
-            **{k: tot[k] / tot[k + "_n"] if tot[k + "_n"] else None for k in ("lift", "lift_fkl", "lift_rkl")},
-            "lift_all": tot["lift_all"] / n if t.lift_metric else None, **times,
-        }
+        return {"step": step, "algorithm": t.algorithm, "lambda": s.lam, **out,
+                "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
+                "grad_norm": grad_norm, "lr": lr, "micro_batches": n_micro, **times}
 
 
 def make_annotator(cfg: Config, task, engine, tok):
@@ -367,101 +329,6 @@ def make_annotator(cfg: Config, task, engine, tok):
                             tc.api_timeout_s, tc.api_retries, deadline=tc.api_deadline_s,
                             max_reply_bytes=tc.api_max_reply_bytes)
     return SelfAnnotator(task, engine, tok, task.chat)
-
-
-@torch.no_grad()
-def sync_snapshot(snapshot, policy) -> None:
-    """Copy the live weights into the frozen teacher (shard by shard under FSDP: same layout)."""
-    for m in (snapshot, policy):
-        if hasattr(m, "reshard"):  # FSDP keeps a root's gathered parameters after a forward; shard them back
-            m.reshard()
-    for s, p in zip(snapshot.parameters(), policy.parameters()):
-        s.copy_(p)
-
-
-def _state(policy, opt, snapshot, sched=None) -> dict:
-    model_sd, optim_sd = get_state_dict(policy, opt)
-    state = {"model": model_sd, "optim": optim_sd}
-    if snapshot is not None:
-        state["snapshot"] = get_model_state_dict(snapshot)
-    if sched is not None:
-        state["scheduler"] = sched.state_dict()
-    return state
-
-
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d{6,})$")
-
-
-def save_checkpoint(policy, opt, snapshot, out_dir: str, next_step: int, d: Dist, sched=None, keep: int = 0) -> None:
-    """DCP checkpoint of model, optimizer, scheduler (and teacher snapshot), then the step marker, written last
-    by rank 0: a crash mid-save leaves the previous checkpoint as the one resumed from. Data position and
-    sampling are functions of the step, so the step is all the loop's state besides these.
-
-    keep > 0: once the marker names the new checkpoint, step checkpoints other than the latest `keep` are
-    removed (a crash between the two leaves extra ones, never fewer)."""
-    path = os.path.join(out_dir, f"checkpoint-{next_step:06d}")
-    dcp.save(_state(policy, opt, snapshot, sched), checkpoint_id=path)
-    d.barrier()
-    if d.main:
-        tmp = os.path.join(out_dir, "latest.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"next_step": next_step, "path": path}, f)
-        os.replace(tmp, os.path.join(out_dir, "latest.json"))
-        if keep > 0:
-            prune_checkpoints(out_dir, keep, protect=path)
-    d.barrier()
-
-
-def prune_checkpoints(out_dir: str, keep: int, protect: str) -> list[str]:
-    """Remove the step checkpoints of out_dir but the `keep` latest (and `protect`, the one latest.json
-    names); returns the removed paths."""
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(out_dir)
-                   if (m := CHECKPOINT_RE.match(name)) and os.path.isdir(os.path.join(out_dir, name)))
-    removed = []
-    for _, name in steps[:-keep]:
-        path = os.path.join(out_dir, name)
-        if os.path.abspath(path) != os.path.abspath(protect):
-            shutil.rmtree(path)
-            removed.append(path)
-    return removed
-
-
-def load_checkpoint(policy, opt, snapshot, out_dir: str, sched=None) -> int:
-    """Restore the latest checkpoint; returns the step to continue from (0 when there is none)."""
-    marker = os.path.join(out_dir, "latest.json")
-    if not os.path.exists(marker):
-        return 0
-    with open(marker) as f:
-        latest = json.load(f)
-    state = _state(policy, opt, snapshot, sched)
-    dcp.load(state, checkpoint_id=latest["path"])
-    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if snapshot is not None:
-        set_model_state_dict(snapshot, state["snapshot"])
-    if sched is not None:
-        sched.load_state_dict(state["scheduler"])
-    return latest["next_step"]
-
-
-def drop_metrics_from(path: str, step: int) -> None:
-    """Keep the metrics of steps before `step` (those after the checkpoint are run again), atomically."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def export_hf(policy, tok, path: str, d: Dist) -> None:
-    """The policy as a Hugging Face folder (safetensors + config + tokenizer), loadable by from_pretrained;
-    under FSDP the full state dict is gathered to rank 0 on the CPU."""
-    sd = get_model_state_dict(policy.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.main:
-        policy.lm.save_pretrained(path, state_dict=sd, safe_serialization=True)
-        tok.save_pretrained(path)
-    d.barrier()
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,7 @@
 """What every rollout engine shares: the sampling settings, the rollouts returned, and the filtered
 sampling distribution (temperature, top-k, top-p) whose log-probs the loss's importance ratios use.
 
-A module of its own so that the engines (trace_train.rollout, trace_train.vllm_engine) import it, never each
-other.
+A module of its own so that the engines (rollout.hf, rollout.vllm) import it, never each other.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 against step, one line per run (runs with the same label, e.g. seeds of one algorithm, are averaged with
 their min-max band).
 
-    python -m trace_train.plot runs/grpo runs/trace runs/opd_all --out curves.png
+    python -m trace_train.experiments.plot runs/grpo runs/trace runs/opd_all --out curves.png
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def plot_runs(runs: dict[str, list[list[dict]]], out: str, smooth: int = 5) -> N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trace_train.plot", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m trace_train.experiments.plot", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl)")
     p.add_argument("--out", default="curves.png")
     p.add_argument("--smooth", type=int, default=5)

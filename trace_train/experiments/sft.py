@@ -1,6 +1,6 @@
 """A short supervised warm start on the synthetic task, so that RL starts with signal.
 
-    python -m trace_train.sft --out runs/sft [--steps 600] [--slip 0.15] [model.tiny_hidden=128 ...]
+    python -m trace_train.experiments.sft --out runs/sft [--steps 600] [--slip 0.15] [model.tiny_hidden=128 ...]
 
 Half of each batch is student prompt -> reference solution (with slipped steps at rate --slip), half
 teacher prompt (problem + reference solution + a random diagnostic type) -> the reference solution: the
@@ -21,9 +21,9 @@ import torch
 
 import trace_kernels as tk
 
-from . import arith
-from .config import load_config
-from .model import load_policy, make_batch, response_hidden
+from ..config import load_config
+from ..model import load_policy, make_batch, response_hidden
+from ..tasks import arith
 
 
 def sloppy_solution(p: arith.Problem, rng: random.Random, slip: float) -> str:
@@ -83,7 +83,7 @@ def sft(cfg_model, out: str, steps: int, batch: int = 64, lr: float = 3e-3, min_
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trace_train.sft", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m trace_train.experiments.sft", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="TOML file (its [model] section is used)")
     p.add_argument("--steps", type=int, default=600)

@@ -1,11 +1,13 @@
 """The study: does TRACE beat GRPO on the synthetic task, with which KL clip, and in which reward regime?
 
-    python -m trace_train.study --out runs/study [--seeds 0,...,7] [--steps 60] [--regimes dense,...]  # `make study`
-    python -m trace_train.study --report-from runs/study/summary.json    # rewrite the report only
+    trace-study --out runs/study [--seeds 0,...,7] [--steps 60] [--regimes dense,...]  # `make study`
+    trace-study --report-from runs/study/summary.json                                 # rewrite the report only
+
+(trace-study = python -m trace_train.experiments.study)
 
 grpo, trace with the per-term value clip (`loss.kl_clip_mode=value`), trace with the per-entry gradient
 clip (`grad`), trace without a clip and opd_all (all-token distillation), every algorithm on the same seeds,
-in three regimes (warm starts by `trace_train.sft`, as in the demo):
+in three regimes (warm starts by `trace_train.experiments.sft`, as in the demo):
 - dense: train on 1-3 operation problems from the demo's warm start (supervised on 1-3 operations; it
   already scores ~0.8),
 - sparse: train on 4-6 operation problems from the same warm start (it scores ~0.15-0.2 there; but it
@@ -43,8 +45,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
+from ..config import load_config
 from . import machine
-from .config import load_config
 from .demo import CONFIG, evaluate_all, train_run
 from .plot import plot_runs, read_metrics
 from .stats import fmt, mean_ci, paired_diff
@@ -65,7 +67,7 @@ ALGORITHMS = (
     ("trace-noclip", "trace", ("loss.kl_term_clip=0",)),
     ("opd_all", "opd_all", (CLIP, "loss.kl_clip_mode=value")),
 )
-# The warm starts (trace_train.sft): name -> (min_ops, max_ops, slip); slip None: the --slip argument.
+# The warm starts (trace_train.experiments.sft): name -> (min_ops, max_ops, slip); slip None: the --slip argument.
 WARM_STARTS = {"warm_start": (1, 3, None), "warm_start_long": (1, 6, LONG_SLIP)}
 # (name, warm start, training ops, the other evaluation set's ops, overrides). 4-6 operation solutions run to ~40
 # characters: those regimes sample up to 48 tokens (the evaluation's limit) instead of the demo config's 24.
@@ -96,7 +98,7 @@ def _mean(xs: list) -> float | None:
 
 def _train_here(out: str, algorithm: str, seed: int, warm: str, steps: int, extra) -> float:
     """One training run in this process (what train_run does in a subprocess); returns its wall time."""
-    from .train import run
+    from ..train import run
 
     t0 = time.perf_counter()
     run(load_config(CONFIG, [f"model.path={warm}", f"train.algorithm={algorithm}", f"train.seed={seed}",
@@ -218,7 +220,7 @@ on `--config demo` with model.path = the regime's warm start.
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trace_train.study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m trace_train.experiments.study", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/study")
     p.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     p.add_argument("--steps", type=int, default=60)
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
         walls = dict(pool.map(one, jobs))
     t_train = time.perf_counter() - t_start - t_sft
 
-    from .tasks import ArithTask
+    from ..tasks import ArithTask
 
     summary = {"regimes": {}, "runs": {}}
     for regime, w, train_ops, out_ops, r_over in regimes:

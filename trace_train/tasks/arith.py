@@ -16,7 +16,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from .annotate import Annotation  # the annotators' result type (also importable from here)
+from ..annotate import Annotation  # the annotators' result type (also importable from here)
+from .base import Example, Task, slice_bounds
 
 OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
 STEP = re.compile(r"(\d)([+\-*])(\d)=(\d)")
@@ -110,3 +111,53 @@ def teacher_prompt(problem: Problem, diagnostic: str | None) -> str:
     """The privileged context: the problem, its reference solution and a coarse diagnostic type."""
     hint = f"\nD:{diagnostic}" if diagnostic else ""
     return f"Q:{problem.text}\nR:{problem.solution}{hint}\nA:"
+
+
+class ArithTask(Task):
+    """The synthetic chain of mod-10 operations (this module); min_ops..max_ops operations each.
+    pool > 0: every step draws from the same `pool` problems (fixed by pool_seed), the classic sanity check
+    that RL can fit a handful of problems."""
+
+    diagnostics = DIAGNOSTICS
+    has_rule_annotator = True
+
+    def __init__(self, min_ops: int = 1, max_ops: int = 3, pool: int = 0, pool_seed: int = 0):
+        if not 1 <= min_ops <= max_ops:
+            raise ValueError(f"data.min_ops / data.max_ops: need 1 <= min <= max, got {min_ops}, {max_ops}")
+        if pool < 0:
+            raise ValueError(f"data.pool_size must be >= 0, got {pool}")
+        self.min_ops, self.max_ops = min_ops, max_ops
+        rng = random.Random(pool_seed + 31_337)
+        self.pool = [self.wrap(sample_problem(rng, rng.randint(min_ops, max_ops))) for _ in range(pool)]
+
+    @staticmethod
+    def wrap(p: Problem) -> Example:
+        return Example(p.text, p.solution, str(p.answer), source=p)
+
+    def examples(self, seed, step, n, start=0, stop=None):
+        start, stop = slice_bounds(n, start, stop)
+        rng = random.Random(seed * 1_000_003 + step)
+        out = []
+        # One random stream per step: the examples before `start` are drawn and dropped (microseconds each),
+        # which keeps every step's problems those of the whole batch.
+        for i in range(stop):
+            if self.pool:
+                ex = rng.choice(self.pool)
+            else:
+                ops = rng.randint(self.min_ops, self.max_ops)
+                ex = sample_problem(rng, ops)
+            if i >= start:
+                out.append(ex if self.pool else self.wrap(ex))
+        return out
+
+    def student_text(self, ex):
+        return student_prompt(ex.source)
+
+    def teacher_text(self, ex, diagnostic):
+        return teacher_prompt(ex.source, diagnostic)
+
+    def reward(self, response, ex):
+        return reward(response, ex.source)
+
+    def annotate(self, response: str, ex: Example) -> Annotation:
+        return annotate(response, ex.source)

@@ -6,7 +6,7 @@ The warm start imitates a demonstrator that slips: it knows the steps of the syn
 wrong result at some steps (--slip), so RL has something to fix that a tiny model can fix in minutes,
 and the teacher (the same network with the reference solution in context) knows the right tokens.
 
-    python -m trace_train.demo --out runs/demo [--seeds 0,1] [--steps 60]      # `make demo`
+    python -m trace_train.experiments.demo --out runs/demo [--seeds 0,1] [--steps 60]      # `make demo`
 
 Every algorithm starts from the same warm start and uses the same seeds, so the runs differ only by the
 algorithm. In distribution: held-out problems with 1-3 operations, as in training (problems the runs
@@ -24,8 +24,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from ..config import load_config, resolve_config
 from . import machine
-from .config import load_config, resolve_config
 from .plot import plot_runs, read_metrics
 
 # (run name, train.algorithm, extra overrides). The demo config distills without a KL clip (the study's
@@ -76,7 +76,7 @@ def held_out(task, n: int, seed: int, exclude: set[str] = frozenset()) -> list:
 
 def _privileged(min_ops: int, max_ops: int):
     """The synthetic task answered from the teacher's prompt (reference solution in context)."""
-    from .tasks import ArithTask
+    from ..tasks import ArithTask
 
     class Privileged(ArithTask):
         def student_text(self, ex):
@@ -93,9 +93,9 @@ def evaluate_all(policies: dict[str, str], train_seen: set[str], n: int, k: int,
     privileged prompt (reference solution in context), which shows what the self-teacher knows."""
     import torch
 
-    from .eval import evaluate, load_for_eval
-    from .rollout import HFRollouts, Sampling
-    from .tasks import ArithTask
+    from ..eval import evaluate, load_for_eval
+    from ..rollout import HFRollouts, Sampling
+    from ..tasks import ArithTask
 
     torch.manual_seed(seed)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.6, top_k=20, top_p=0.95)  # the paper's
@@ -186,7 +186,7 @@ the spread over seeds, not by one run's digits.
 
 ## Settings
 
-- warm start (`trace_train.sft`): {json.dumps(settings['sft'])}
+- warm start (`trace_train.experiments.sft`): {json.dumps(settings['sft'])}
 - RL config: `--config demo`, with model.path = the warm start; `torchrun --nproc_per_node={settings['nproc']}`
 - resolved: {json.dumps(settings['rl'])}
 """
@@ -198,7 +198,7 @@ the spread over seeds, not by one run's digits.
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trace_train.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m trace_train.experiments.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=60)
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
             _log(f"{name}: {walls[name]:.0f} s, last step reward {last['reward']:.3f}")
 
     _log("evaluating")
-    from .tasks import ArithTask
+    from ..tasks import ArithTask
 
     train_task = ArithTask(cfg.data.min_ops, cfg.data.max_ops)
     seen = {ex.problem for s in seeds for st in range(a.steps)
