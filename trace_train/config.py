@@ -129,6 +129,8 @@ class TrainConfig:
     resume: bool = False
     export_hf: bool = True  # save the final policy as a Hugging Face folder (safetensors) in <output_dir>/hf
     lift_metric: bool = False  # after each update, re-score the step's rollouts: the lift* metrics (docs/training.md)
+    report_to: str = ""  # run logging besides metrics.jsonl: tensorboard | wandb | "tensorboard,wandb" | "" (none)
+    wandb_project: str = "trace-train"  # report_to=wandb: the project (offline run folder when no API key is set)
 
 
 @dataclass
@@ -217,6 +219,9 @@ class Config:
         if self.train.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm); "auto" or "hf" '
                              "use Hugging Face generate")
+        from .report import parse_report_to
+
+        parse_report_to(self.train.report_to)
         if self.trace.opd_all_direction not in ("forward", "reverse"):
             raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
         return self
@@ -298,12 +303,17 @@ def _toml_value(v) -> str:
     return json.dumps(v)  # a JSON string is a valid TOML basic string
 
 
-def save_config(cfg: Config, path: str) -> None:
+def config_text(cfg: Config) -> str:
+    """The resolved config as TOML (what save_config writes; load_config reads it back to an equal Config)."""
     lines = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
             lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
         lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+        fh.write(config_text(cfg))

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from .checkpoint import write_json_atomic
 from .config import ModelConfig
 from .dist import Dist, init_distributed, shutdown
 from .model import load_policy
@@ -127,8 +128,7 @@ def main(argv=None) -> int:
         if d.main:
             print(json.dumps(scores, indent=1))
             if a.out:
-                with open(a.out, "w") as f:
-                    json.dump(scores, f, indent=1)
+                write_json_atomic(a.out, scores)
     finally:
         shutdown()
     return 0

@@ -12,7 +12,6 @@ process samples. Rank r owns prompts [r P/K, (r+1) P/K) of each step.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -21,14 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import metrics
+from . import faults, metrics
 from .annotate import ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
-from .checkpoint import drop_metrics_from, export_hf, load_checkpoint, save_checkpoint, sync_snapshot
-from .config import Config, load_config, save_config
+from .checkpoint import append_metrics, drop_metrics_from, export_hf, load_checkpoint, save_checkpoint, sync_snapshot
+from .config import Config, config_text, load_config, save_config
 from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
+from .faults import crash_if
 from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
 from .optim import build_optimizer
 from .policy import Policy
+from .report import Reporters
 from .rollout import Rollouts, Sampling, make_engine
 from .routing import Routing, cap_spans, group_advantages, lambda_at, route
 from .step import batch_logprobs, batch_loss, pack
@@ -99,6 +100,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, d: Dist):
         t, tc = cfg.train, cfg.trace
+        faults.check()
         if t.prompts_per_step % d.world:
             raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of the world "
                              f"size ({d.world}): each rank owns whole prompt groups")
@@ -125,6 +127,7 @@ class Trainer:
                       if t.resume else 0)
         if d.main:
             drop_metrics_from(self.metrics_path, self.start)
+        self.reporters = Reporters(cfg, d.main, self.start, config_text(cfg))
         self.all_failed_streak = 0
 
     def train(self) -> list[dict]:
@@ -134,21 +137,24 @@ class Trainer:
         t, d = self.cfg.train, self.d
         history = []
         bar = tqdm(total=t.max_steps, initial=self.start, disable=not d.main, desc=t.algorithm, dynamic_ncols=True)
-        for step in range(self.start, t.max_steps):
-            if self.snapshot is not None and step % self.cfg.trace.snapshot_every == 0:
-                sync_snapshot(self.snapshot, self.policy)
-            row = self.train_step(step)
-            history.append(row)
-            if d.main:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", lam=f"{row['lambda']:.2f}",
-                            len=f"{row['response_length']:.0f}", ent=f"{row['entropy']:.2f}")
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
-                save_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, step + 1, d, self.sched,
-                                keep=t.keep_checkpoints)
-        bar.close()
+        try:
+            for step in range(self.start, t.max_steps):
+                if self.snapshot is not None and step % self.cfg.trace.snapshot_every == 0:
+                    sync_snapshot(self.snapshot, self.policy)
+                row = self.train_step(step)
+                history.append(row)
+                if d.main:
+                    append_metrics(self.metrics_path, row)
+                    self.reporters.log(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.3f}", lam=f"{row['lambda']:.2f}",
+                                len=f"{row['response_length']:.0f}", ent=f"{row['entropy']:.2f}")
+                if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.max_steps:
+                    save_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, step + 1, d, self.sched,
+                                    keep=t.keep_checkpoints)
+        finally:
+            bar.close()
+            self.reporters.close()
         if t.export_hf and self.start < t.max_steps:
             export_hf(self.policy, self.tok, os.path.join(t.output_dir, "hf"), d)
         return history
@@ -161,6 +167,7 @@ class Trainer:
         prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in examples]
         first = d.rank * local_p * k
         ro = self.engine.generate(prompts, k, [rollout_seed(t.seed, step, first + i) for i in range(local_p * k)])
+        crash_if("rollout", step)
         owners = [examples[i // k] for i in range(len(ro.responses))]
         texts = [tok.decode(r, skip_special_tokens=True) for r in ro.responses]
         rewards = torch.tensor([task.reward(x, ex) for x, ex in zip(texts, owners)], dtype=torch.float32)
@@ -215,6 +222,7 @@ class Trainer:
             if t.grad_sync == "step":
                 set_gradient_sync(self.policy, g == len(groups) - 1)
             before.append(self.micro_batch(s, idx, teacher_prompts, sums))
+            crash_if("backward", step)
         grad_norm, lr = self.optimizer_step()
         if t.lift_metric:
             self.lift(s, groups, before, sums)
