@@ -51,6 +51,9 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.adam_eps": (0, False, INF, False),
     "train.checkpoint_every": (1, True, INF, False),
     "train.keep_checkpoints": (0, True, INF, False),
+    "train.eval_every": (0, True, INF, False),
+    "train.eval_k": (1, True, INF, False),
+    "train.eval_problems": (0, True, INF, False),
     "loss.clip_low": (0, True, 1, False),
     "loss.clip_high": (0, True, INF, False),
     "loss.beta": (0, True, INF, False),
@@ -93,7 +96,7 @@ class ModelConfig:
 class DataConfig:
     task: str = "arith"  # arith (the synthetic task) | math (problems from files, math-verify rewards)
     train_files: str = ""  # comma-separated .jsonl / .parquet (trace_train.tasks documents the fields)
-    eval_files: str = ""
+    eval_files: str = ""  # math: problems scored every train.eval_every steps and after the last (avg@k, pass@k)
     min_ops: int = 1  # arith: operations per training problem
     max_ops: int = 3
     pool_size: int = 0  # arith: > 0 trains on this many fixed problems (a sanity check); 0: a fresh stream
@@ -129,6 +132,9 @@ class TrainConfig:
     resume: bool = False
     export_hf: bool = True  # save the final policy as a Hugging Face folder (safetensors) in <output_dir>/hf
     lift_metric: bool = False  # after each update, re-score the step's rollouts: the lift* metrics (docs/training.md)
+    eval_every: int = 0  # with data.eval_files: evaluate every this many steps; 0: after the last step only
+    eval_k: int = 4  # samples per evaluation problem (the paper's avg@k sampling: T 0.6, top-p 0.95, top-k 20)
+    eval_problems: int = 0  # the first this many problems of data.eval_files; 0: all
     report_to: str = ""  # run logging besides metrics.jsonl: tensorboard | wandb | "tensorboard,wandb" | "" (none)
     wandb_project: str = "trace-train"  # report_to=wandb: the project (offline run folder when no API key is set)
 
@@ -197,6 +203,15 @@ class Config:
         if self.trace.annotator not in ("rule", "api", "self"):
             raise ValueError(f"trace.annotator: unknown {self.trace.annotator!r} (rule | api | self)")
         tc = self.trace
+        if self.data.task == "math" and not self.data.train_files.strip(","):
+            raise ValueError('data.task = "math" needs data.train_files (comma-separated .jsonl / .json / .parquet)')
+        annotating = self.train.algorithm == "trace" or tc.measure_spans
+        if annotating and tc.annotator == "rule" and self.data.task != "arith":
+            raise ValueError('trace.annotator=rule needs the synthetic task\'s exact spans (data.task = "arith"); '
+                             "use trace.annotator = api or self")
+        if tc.annotator == "api" and not (tc.api_base_url and tc.api_model):
+            missing = "trace.api_base_url" if not tc.api_base_url else "trace.api_model"
+            raise ValueError(f"trace.annotator = api needs {missing} (an OpenAI-compatible endpoint and its model)")
         if tc.api_base_url and not tc.api_base_url.startswith(("http://", "https://")):
             raise ValueError(f"trace.api_base_url must start with http:// or https://, got {tc.api_base_url!r}")
         if self.trace.teacher not in ("live", "snapshot"):
@@ -219,6 +234,9 @@ class Config:
         if self.train.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm); "auto" or "hf" '
                              "use Hugging Face generate")
+        if self.data.eval_files and self.data.task != "math":
+            raise ValueError('data.eval_files needs data.task = "math" (the synthetic task is scored by trace-eval '
+                             "--arith-ops)")
         from .report import parse_report_to
 
         parse_report_to(self.train.report_to)

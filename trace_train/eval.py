@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -36,14 +37,21 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def score_share(engine, tok, task: Task, examples: list[Example], k: int, seed: int, lo: int, hi: int,
-                prompts_per_batch: int = 64) -> tuple[list[float], list[int], list[bool]]:
+                prompts_per_batch: int = 64, batches: int | None = None) -> tuple[list[float], list[int], list[bool]]:
     """(rewards, lengths, finished) of the k rollouts of each of examples[lo:hi], problem-major; rollout i of
-    problem j samples with the seed of its global index j * k + i, whichever process scores it."""
+    problem j samples with the seed of its global index j * k + i, whichever process scores it.
+
+    batches: make exactly this many generate calls (an FSDP policy's ranks must make the same number: a rank
+    whose share is used up generates for one problem more and drops the result)."""
     rewards, lengths, finished = [], [], []
-    for b in range(lo, hi, prompts_per_batch):
+    n_calls = batches if batches is not None else math.ceil((hi - lo) / prompts_per_batch)
+    for c in range(n_calls):
+        b = lo + c * prompts_per_batch
         chunk = examples[b:min(b + prompts_per_batch, hi)]
-        prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in chunk]
-        ro = engine.generate(prompts, k, [seed * 1_000_003 + b * k + i for i in range(len(chunk) * k)])
+        prompts = [tok(task.student_text(ex), add_special_tokens=False)["input_ids"] for ex in chunk or examples[:1]]
+        ro = engine.generate(prompts, k, [seed * 1_000_003 + b * k + i for i in range(len(prompts) * k)])
+        if not chunk:
+            continue
         for i, resp in enumerate(ro.responses):
             rewards.append(task.reward(tok.decode(resp, skip_special_tokens=True), chunk[i // k]))
             lengths.append(len(resp))
@@ -52,16 +60,19 @@ def score_share(engine, tok, task: Task, examples: list[Example], k: int, seed: 
 
 
 def evaluate(engine, tok, task: Task, examples: list[Example], k: int, seed: int = 0,
-             prompts_per_batch: int = 64, d: Dist | None = None) -> dict:
+             prompts_per_batch: int = 64, d: Dist | None = None, synced: bool = False) -> dict:
     """avg@k accuracy, pass@k, mean response length and truncation rate over `examples`. d: under torchrun,
-    this rank scores its share (shard_bounds) and every rank returns the scores of all problems."""
+    this rank scores its share (shard_bounds) and every rank returns the scores of all problems. synced: the
+    engine generates with an FSDP policy (every rank makes as many generate calls as the largest share needs)."""
     if not examples:
         raise ValueError("examples: nothing to evaluate")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     d = d or Dist()
     lo, hi = shard_bounds(len(examples), d.rank, d.world)
-    share = score_share(engine, tok, task, examples, k, seed, lo, hi, prompts_per_batch)
+    largest_share = math.ceil(len(examples) / d.world)
+    batches = math.ceil(largest_share / prompts_per_batch) if synced else None
+    share = score_share(engine, tok, task, examples, k, seed, lo, hi, prompts_per_batch, batches)
     if d.world > 1:
         import torch.distributed as dist
 

@@ -25,6 +25,7 @@ from .annotate import ApiAnnotator, Job, RuleAnnotator, SelfAnnotator
 from .checkpoint import append_metrics, drop_metrics_from, export_hf, load_checkpoint, save_checkpoint, sync_snapshot
 from .config import Config, config_text, load_config, save_config
 from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
+from .eval import PAPER_SAMPLING, evaluate
 from .faults import crash_if
 from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
 from .optim import build_optimizer
@@ -33,7 +34,7 @@ from .report import Reporters
 from .rollout import Rollouts, Sampling, make_engine
 from .routing import Routing, cap_spans, group_advantages, lambda_at, route
 from .step import batch_logprobs, batch_loss, pack
-from .tasks import DataError, make_task
+from .tasks import DataError, MathTask, make_task
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.policy, self.tok = build_policy(cfg, d)
         self.task = make_task(cfg.data, self.tok)
+        self.eval_task = MathTask(cfg.data.eval_files, self.tok) if cfg.data.eval_files else None
         self.snapshot = None
         if tc.teacher == "snapshot" and t.algorithm != "grpo":
             self.snapshot, _ = build_policy(cfg, d, weights_from=self.policy)
@@ -142,6 +144,9 @@ class Trainer:
                 if self.snapshot is not None and step % self.cfg.trace.snapshot_every == 0:
                     sync_snapshot(self.snapshot, self.policy)
                 row = self.train_step(step)
+                if self.eval_task is not None and (step + 1 == t.max_steps
+                                                   or (t.eval_every and (step + 1) % t.eval_every == 0)):
+                    row.update(self.evaluate())
                 history.append(row)
                 if d.main:
                     append_metrics(self.metrics_path, row)
@@ -158,6 +163,21 @@ class Trainer:
         if t.export_hf and self.start < t.max_steps:
             export_hf(self.policy, self.tok, os.path.join(t.output_dir, "hf"), d)
         return history
+
+    def evaluate(self) -> dict:
+        """avg@k / pass@k of the current policy on data.eval_files (the paper's sampling, the run's engine and
+        max_new_tokens; seeded by train.seed, so a rerun step scores the same), as eval_* metrics."""
+        t = self.cfg.train
+        examples = self.eval_task.items[: t.eval_problems or None]
+        saved = self.engine.sampling
+        self.engine.sampling = Sampling(t.max_new_tokens, PAPER_SAMPLING.temperature, PAPER_SAMPLING.top_k,
+                                        PAPER_SAMPLING.top_p)
+        try:
+            scores = evaluate(self.engine, self.tok, self.eval_task, examples, t.eval_k, seed=t.seed, d=self.d,
+                              synced=self.d.world > 1)
+        finally:
+            self.engine.sampling = saved
+        return {f"eval_{k}": v for k, v in scores.items()}
 
     def rollouts(self, step: int) -> StepRollouts:
         """This rank's prompts, rollouts, rewards and group advantages, and the step's lambda."""
