@@ -1,7 +1,9 @@
 """Every key of the config schema either works or is refused when the config loads: the toy config runs one step
 with each key set to a valid value other than its default (with what that value needs beside it, e.g. a data file
 for data.task = "math"), and the values that cannot run here are refused by load_config with a one-line error
-naming the key. A key added to the schema without an entry here fails the first test."""
+naming the key (values by load_config, what a run needs beyond them by Config.check_runnable, which
+`python -m trace_train` calls before anything loads). A key added to the schema without an entry here fails the
+first test."""
 
 from __future__ import annotations
 
@@ -163,6 +165,6 @@ def test_what_cannot_run_is_refused_at_load(overrides, needle, applies):
     if not applies:
         pytest.skip("the dependency is installed: the key runs (test_one_step_with_the_key_changed)")
     with pytest.raises(ValueError) as e:
-        load_config("toy", overrides)
+        load_config("toy", overrides).check_runnable()  # python -m trace_train: "config error: ...", status 2
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 

@@ -203,15 +203,6 @@ class Config:
         if self.trace.annotator not in ("rule", "api", "self"):
             raise ValueError(f"trace.annotator: unknown {self.trace.annotator!r} (rule | api | self)")
         tc = self.trace
-        if self.data.task == "math" and not self.data.train_files.strip(","):
-            raise ValueError('data.task = "math" needs data.train_files (comma-separated .jsonl / .json / .parquet)')
-        annotating = self.train.algorithm == "trace" or tc.measure_spans
-        if annotating and tc.annotator == "rule" and self.data.task != "arith":
-            raise ValueError('trace.annotator=rule needs the synthetic task\'s exact spans (data.task = "arith"); '
-                             "use trace.annotator = api or self")
-        if tc.annotator == "api" and not (tc.api_base_url and tc.api_model):
-            missing = "trace.api_base_url" if not tc.api_base_url else "trace.api_model"
-            raise ValueError(f"trace.annotator = api needs {missing} (an OpenAI-compatible endpoint and its model)")
         if tc.api_base_url and not tc.api_base_url.startswith(("http://", "https://")):
             raise ValueError(f"trace.api_base_url must start with http:// or https://, got {tc.api_base_url!r}")
         if self.trace.teacher not in ("live", "snapshot"):
@@ -242,6 +233,21 @@ class Config:
         parse_report_to(self.train.report_to)
         if self.trace.opd_all_direction not in ("forward", "reverse"):
             raise ValueError(f"trace.opd_all_direction: unknown {self.trace.opd_all_direction!r}")
+        return self
+
+    def check_runnable(self) -> Config:
+        """What a run needs beyond valid values (the shipped recipes leave these empty for the user to fill,
+        so load_config accepts them): ValueError naming the key, raised before any model or data loads."""
+        tc = self.trace
+        if self.data.task == "math" and not self.data.train_files.strip(","):
+            raise ValueError('data.task = "math" needs data.train_files (comma-separated .jsonl / .json / .parquet)')
+        annotating = self.train.algorithm == "trace" or tc.measure_spans
+        if annotating and tc.annotator == "rule" and self.data.task != "arith":
+            raise ValueError('trace.annotator=rule needs the synthetic task\'s exact spans (data.task = "arith"); '
+                             "use trace.annotator = api or self")
+        if annotating and tc.annotator == "api" and not (tc.api_base_url and tc.api_model):
+            missing = "trace.api_base_url" if not tc.api_base_url else "trace.api_model"
+            raise ValueError(f"trace.annotator = api needs {missing} (an OpenAI-compatible endpoint and its model)")
         return self
 
 

@@ -76,6 +76,7 @@ def plan(cfg: Config, arch: Arch, world: int, tokens: int | None = None, chunk_m
         raise ValueError("tokens: give the micro-batch size when train.micro_batch_tokens is 0 (one micro-batch)")
     snapshot = cfg.trace.teacher == "snapshot" and t.algorithm != "grpo"
     teacher = t.algorithm != "grpo"
+    reference = cfg.loss.beta > 0
     H, inter, V = arch.hidden, arch.intermediate, arch.vocab
     q_out, kv_out = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     # what one layer's forward keeps for its backward: 2 norm outputs, q, k, v, attention output, o_proj
@@ -87,6 +88,7 @@ def plan(cfg: Config, arch: Arch, world: int, tokens: int | None = None, chunk_m
         "gradients (sharded)": P * master / world,
         "AdamW exp_avg + exp_avg_sq (sharded)": 2 * P * 4 / world,
         "teacher snapshot (sharded)": P * master / world if snapshot else 0,
+        "reference policy for loss.beta (sharded)": P * master / world if reference else 0,
         # accumulation without communication: FSDP keeps every parameter's gradient unsharded, in the reduce
         # dtype, on every rank until the last micro-batch's backward
         "unsharded gradient accumulation (grad_sync=step)": P * reduce if t.grad_sync == "step" else 0,
@@ -99,6 +101,7 @@ def plan(cfg: Config, arch: Arch, world: int, tokens: int | None = None, chunk_m
         else arch.layers * layer_acts,
         "one layer recomputed + its backward": 2 * layer_acts if cfg.model.activation_checkpointing else layer_acts,
         "teacher forward (no grad, one layer live)": layer_acts if teacher else 0,
+        "reference forward (no grad, one layer live)": layer_acts if reference else 0,
         # trace_loss: [rows, V] chunk buffers within the budget, the fp32 [V, H] weight-gradient accumulator
         # (computed in the forward), and the LM head's gradient it returns
         "loss chunk buffers (chunk budget)": chunk_mb * 2**20,
@@ -107,7 +110,7 @@ def plan(cfg: Config, arch: Arch, world: int, tokens: int | None = None, chunk_m
         # the root group's reduce-scatter input, cast to the reduce dtype (the largest group)
         "root reduce-scatter buffer": arch.root_params() * reduce,
     }
-    rollout = P * master / world + 2 * P * 4 / world + (P * master / world if snapshot else 0)
+    rollout = P * master / world * (1 + snapshot + reference) + 2 * P * 4 / world
     return {"components": p, "training_total": sum(p.values()), "rollout_resident": rollout, "params": P}
 
 

@@ -15,7 +15,7 @@ from .routing import Routing
 # The per-step sums every rank contributes (all-reduced once per step, in this order on every rank).
 SUM_KEYS = ("dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped",
             "reward", "finished", "annotated", "lift", "lift_n", "lift_fkl", "lift_fkl_n", "lift_rkl", "lift_rkl_n",
-            "lift_all") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
+            "lift_all", "kl_ref") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
 FAILURE_KEYS = tuple(k for k in SUM_KEYS if k.startswith("annotator_failures/"))
 
 
@@ -27,10 +27,10 @@ def new_sums(dummies: int) -> dict:
 
 
 def add_micro_batch(sums: dict, out, routing: Routing, sampler_logprobs_N: torch.Tensor | None,
-                    clip_low: float, clip_high: float) -> None:
-    """A micro-batch's loss, entropy, per-branch KL (over the rows of positive weight), distilled rows and the
-    tokens whose ratio to the sampler's log-probs is outside the clip range. sampler_logprobs_N None: a dummy
-    (its loss only: zero)."""
+                    clip_low: float, clip_high: float, ref_logprobs_N: torch.Tensor | None = None) -> None:
+    """A micro-batch's loss, entropy, per-branch KL (over the rows of positive weight), distilled rows, the
+    tokens whose ratio to the sampler's log-probs is outside the clip range and, with a reference policy, the
+    k3 estimate of KL(policy || reference) per token. sampler_logprobs_N None: a dummy (its loss only: zero)."""
     sums["loss"] += out.loss.item()
     if sampler_logprobs_N is None:
         return
@@ -43,6 +43,9 @@ def add_micro_batch(sums: dict, out, routing: Routing, sampler_logprobs_N: torch
             rows = (w > 0).to(vals.device)
             sums[name] += vals[rows].sum().item()
             sums[name + "_n"] += rows.sum().item()
+    if ref_logprobs_N is not None:
+        d = ref_logprobs_N.to(out.logprobs.device).double() - out.logprobs.double()
+        sums["kl_ref"] += (torch.exp(d) - d - 1).sum().item()  # k3, the penalty loss.beta weighs
     sums["kl_rows"] += routing.kl_index_M.numel()
     sums["teacher"] += len(routing.teacher_responses)
 
@@ -69,10 +72,10 @@ def add_rollouts(sums: dict, rewards: torch.Tensor, finished: list[bool], key_sp
         sums[f"annotator_failures/{kind}"] = float(failures.get(kind, 0))
 
 
-def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool) -> dict:
+def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, reference: bool = False) -> dict:
     """The metrics made of the all-reduced sums `tot`: means per response (reward, accuracy, truncated,
-    response_length), per token (entropy, clip_fraction, span_fraction, lift_all) and per measured row (fkl,
-    rkl, lift*: None where no row was measured)."""
+    response_length), per token (entropy, clip_fraction, span_fraction, lift_all, kl_ref: None without a
+    reference policy) and per measured row (fkl, rkl, lift*: None where no row was measured)."""
     b, n = responses, tokens
     return {
         "loss": tot["loss"], "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
@@ -86,4 +89,5 @@ def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool) 
         # nats per token; None where no row was measured (train.lift_metric off, or no spans at this step)
         **{k: tot[k] / tot[k + "_n"] if tot[k + "_n"] else None for k in ("lift", "lift_fkl", "lift_rkl")},
         "lift_all": tot["lift_all"] / n if lift_metric else None,
+        "kl_ref": tot["kl_ref"] / n if reference else None,
     }

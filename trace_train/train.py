@@ -101,6 +101,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, d: Dist):
         t, tc = cfg.train, cfg.trace
+        cfg.check_runnable()
         faults.check()
         if t.prompts_per_step % d.world:
             raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of the world "
@@ -110,15 +111,24 @@ class Trainer:
         if d.main:
             os.makedirs(t.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.output_dir, "config.toml"))
+        # the data first: a file that cannot be used is a DataError before the model loads
+        self.task = make_task(cfg.data)
+        self.eval_task = MathTask(cfg.data.eval_files) if cfg.data.eval_files else None
         torch.manual_seed(t.seed)
         self.policy, self.tok = build_policy(cfg, d)
-        self.task = make_task(cfg.data, self.tok)
-        self.eval_task = MathTask(cfg.data.eval_files, self.tok) if cfg.data.eval_files else None
+        for task in (self.task, self.eval_task):
+            if task is not None:
+                task.tokenizer = self.tok  # prompts through the model's chat template
         self.snapshot = None
         if tc.teacher == "snapshot" and t.algorithm != "grpo":
             self.snapshot, _ = build_policy(cfg, d, weights_from=self.policy)
             self.snapshot.requires_grad_(False)
             self.snapshot.eval()  # a frozen teacher: no checkpointing (HF applies it in training mode only)
+        self.reference = None  # loss.beta > 0: the frozen initial policy of the k3 penalty (rebuilt on resume)
+        if cfg.loss.beta > 0:
+            self.reference, _ = build_policy(cfg, d, weights_from=self.policy)
+            self.reference.requires_grad_(False)
+            self.reference.eval()
         self.opt, self.sched = build_optimizer(self.policy.parameters(), t)
         self.engine = make_engine(t.engine, self.policy, self.tok, Sampling(t.max_new_tokens, t.temperature),
                                   synced=d.world > 1, model_path=cfg.model.path,
@@ -283,20 +293,25 @@ class Trainer:
         common = dict(snapshot=self.snapshot, teacher_needed=needed, temperature=t.temperature, packing=t.packing,
                       packing_row_tokens=t.packing_row_tokens)
         pad = self.tok.pad_token_id
+        prompts, responses = ([s.ro.prompts[i] for i in idx], [s.ro.responses[i] for i in idx]) if idx else ([], [])
+        # The reference policy's log-probs (loss.beta > 0), in the same layout, on every rank (dummies too)
+        ref_lp = (batch_logprobs(self.reference, pad, prompts, responses, temperature=t.temperature,
+                                 packing=t.packing, packing_row_tokens=t.packing_row_tokens)
+                  if self.reference is not None else None)
         if idx:
-            out = batch_loss(self.policy, pad, [s.ro.prompts[i] for i in idx], [s.ro.responses[i] for i in idx],
-                             s.advantages[idx], routing, lc, teacher_prompts=[teacher_prompts[i] for i in idx],
-                             **common)
+            out = batch_loss(self.policy, pad, prompts, responses, s.advantages[idx], routing, lc,
+                             teacher_prompts=[teacher_prompts[i] for i in idx], ref_logprobs=ref_lp, **common)
         else:
             routing = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
-            out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, **common)
+            out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, ref_logprobs=ref_lp,
+                             **common)
         if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
             self.snapshot.reshard()
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
         sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]) if idx else None
-        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high)
+        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high, ref_lp if idx else None)
         return out.logprobs.detach() if idx else None
 
     def optimizer_step(self) -> tuple[float, float]:
@@ -334,7 +349,8 @@ class Trainer:
         """The step's metrics from every rank's sums (one all-reduce, the same on every rank)."""
         t, d = self.cfg.train, self.d
         tot = dict(zip(metrics.SUM_KEYS, d.all_sum([sums[k] for k in metrics.SUM_KEYS])))
-        out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, lift_metric=t.lift_metric)
+        out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, lift_metric=t.lift_metric,
+                                reference=self.reference is not None)
         if s.annotating:
             self.all_failed_streak = self.all_failed_streak + 1 if out["annotator_failures"] == s.b_global else 0
             if self.all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:
@@ -365,7 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides).check_runnable()
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
