@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-other-cpu wheel-check test-verl demo study bench bench-memory lint clean
+.PHONY: test pytest test-other-cpu wheel-check test-nodes test-verl demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 test: pytest test-other-cpu wheel-check
 
 pytest: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not multinode" tests
 
 # Machines of this kind differ in the CPU kernels torch picks (AVX-512, AVX2), and so in rounding: the tests of
 # training outcomes run again under another kernel set than this machine's own (AVX2 on an AVX-512 CPU, the
@@ -30,6 +30,11 @@ test-other-cpu: $(STAMP)
 # same torch), imported and run for two training steps from a directory outside the repository.
 wheel-check:
 	TORCH="$(TORCH)" .ci/check_wheel.sh
+
+# The trainer across nodes: 2 torchrun nodes x 1 process (c10d rendezvous on loopback) against 1 node x 2 processes
+# (~2 min on a 2-core machine: four torchrun processes start and train; docs/training.md).
+test-nodes: $(STAMP)
+	$(PY) -m pytest -q -m multinode tests/test_train_nodes.py
 
 # verl's own environment (verl 0.9 pins transformers<5.11; the main one has a newer transformers): the package
 # with its `verl` extra and Liger-Kernel (verl's liger backend), torch pinned to $(TORCH) in the same resolution
