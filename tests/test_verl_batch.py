@@ -10,11 +10,12 @@ import torch
 
 verl = pytest.importorskip("verl")
 
+from verl_setup import actor_config, micro_batches, patch, tiny_model, train_step  # noqa: E402
+
 import trace_train.integrations.verl as tv  # noqa: E402
 from trace_train.annotate import Annotation  # noqa: E402
 from trace_train.integrations import verl_handoff  # noqa: E402
 from trace_train.model import build_char_tokenizer  # noqa: E402
-from verl_setup import actor_config, micro_batches, patch, tiny_model, train_step  # noqa: E402
 
 PROMPTS = ["2+3=", "9-4=", "7*6=", "1+1="]
 RESPONSES = ["2+3=5 so 5", "9-4=6", "7*6=42 ok", "1+1=3 no"]
@@ -50,7 +51,8 @@ def _batch(tok):
     tensors = dict(prompts=prompts, responses=responses, input_ids=torch.cat([prompts, responses], 1),
                    attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
                    response_mask=response_mask, token_level_scores=scores,
-                   old_log_probs=-3.9 * response_mask.float(), advantages=torch.randn(b, 1).expand(b, r) * response_mask)
+                   old_log_probs=-3.9 * response_mask.float(),
+                   advantages=torch.randn(b, 1).expand(b, r) * response_mask)
     non_tensors = {"extra_info": np.array([{"answer": str(eval(q[:-1]))} for q in PROMPTS], dtype=object)}
     return DataProto.from_single_dict({**tensors, **non_tensors}, meta_info={"temperature": 1.0})
 
@@ -110,3 +112,42 @@ def test_fields_reach_the_loss_through_verl_s_batch_conversion():
     assert sum(m["trace/span_tokens"] for m in metrics) == marked
     assert metrics[0]["trace/fkl"] > 0 and metrics[0]["trace/rkl"] > 0 and metrics[0]["trace/lambda"] == 0.5
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_trace_trainer_adds_the_fields_in_verl_s_update_actor(monkeypatch):
+    """install_trace_trainer puts TraceTrainerMixin before verl's RayPPOTrainer where verl's legacy TaskRunner
+    builds it; its _update_actor runs verl's own (DataProto -> TensorDict -> no padding, mini-batch options) with
+    the TRACE fields added. The actor worker group is a recorder here (no Ray), returning verl's metrics shape."""
+    from omegaconf import OmegaConf
+    from tensordict import TensorDict
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.utils import tensordict_utils as tu
+
+    monkeypatch.setattr(main_ppo_v0, "RayPPOTrainer", main_ppo_v0.RayPPOTrainer)
+    options = tv.TraceVerlConfig(hold_steps=5, reverse_kl=True)
+    cls = tv.install_trace_trainer(trace_options=options, annotator=annotator, privileged_prompt=privileged_prompt)
+    assert main_ppo_v0.RayPPOTrainer is cls and issubclass(cls, RayPPOTrainer)
+
+    class Recorder:
+        def update_actor(self, batch_td):
+            self.batch_td = batch_td
+            return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+    tok = build_char_tokenizer()
+    trainer = object.__new__(cls)
+    trainer.config = OmegaConf.create({"actor_rollout_ref": {
+        "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 2},
+        "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
+                  "data_loader_seed": 0, "shuffle": False}}})
+    trainer.tokenizer, trainer.global_steps, trainer.actor_rollout_wg = tok, 1, Recorder()
+    trainer.trace_options, trainer.trace_annotator = options, annotator
+    trainer.trace_privileged_prompt, trainer.trace_problem_text = privileged_prompt, None
+    output = trainer._update_actor(_batch(tok))
+    assert output.meta_info["metrics"]["trace/lambda"] == 0.5
+    sent = trainer.actor_rollout_wg.batch_td
+    assert isinstance(sent, TensorDict) and sent["input_ids"].is_nested
+    expected, _ = tv.trace_batch_fields(_batch(tok), step=0, tokenizer=tok, annotator=annotator,
+                                        privileged_prompt=privileged_prompt, options=options)
+    assert torch.equal(sent["trace_span"], expected["trace_span"]) and int((sent["trace_span"] > 0).sum()) == 7
+    assert sent["trace_teacher_input_ids"].shape[0] == 4

@@ -20,8 +20,9 @@ import torch
 
 verl = pytest.importorskip("verl")
 
-import trace_train.integrations.verl as tv  # noqa: E402
 from verl_setup import VOCAB, patch, tiny_model  # noqa: E402
+
+import trace_train.integrations.verl as tv  # noqa: E402
 
 REL = 1e-4
 

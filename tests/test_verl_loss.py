@@ -23,11 +23,11 @@ import torch
 
 verl = pytest.importorskip("verl")
 
+from verl_setup import actor_config, micro_batches, patch, rollout_batch, tiny_model, train_step, verl_loss  # noqa: E402
+
 import trace_train.integrations.verl as tv  # noqa: E402
 from trace_train.integrations import verl_handoff  # noqa: E402
 from trace_train.integrations.verl_loss import FORWARD, REVERSE  # noqa: E402
-from verl_setup import (actor_config, micro_batches, patch, rollout_batch, tiny_model, train_step,  # noqa: E402
-                        verl_loss)
 
 REL = 1e-4
 

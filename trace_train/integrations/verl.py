@@ -189,8 +189,8 @@ def originals() -> dict[str, object]:
 
 install()
 
-from .verl_batch import TraceTrainerMixin, TraceVerlConfig, trace_batch_fields  # noqa: E402
+from .verl_batch import TraceTrainerMixin, TraceVerlConfig, install_trace_trainer, trace_batch_fields  # noqa: E402
 from .verl_loss import TraceVerlLoss  # noqa: E402
 
 __all__ = ["FusedLinearForPPO", "linear_cross_entropy", "TraceVerlLoss", "TraceVerlConfig", "TraceTrainerMixin",
-           "trace_batch_fields", "install", "uninstall"]
+           "trace_batch_fields", "install_trace_trainer", "install", "uninstall"]

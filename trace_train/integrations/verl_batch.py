@@ -169,3 +169,21 @@ class TraceTrainerMixin:
         output = super()._update_actor(batch)
         output.meta_info["metrics"].update(metrics)
         return output
+
+
+def install_trace_trainer(*, trace_options: TraceVerlConfig, annotator: Callable, privileged_prompt: Callable,
+                          problem_text: Callable | None = None):
+    """Make verl's legacy TaskRunner (`trainer.use_v1=false`) build a TRACE trainer: a module that calls this,
+    named in `actor_rollout_ref.model.external_lib`, is imported in the TaskRunner before the trainer is built
+    (`TaskRunner.run` reads the model config first), so `verl.trainer.main_ppo_v0.RayPPOTrainer` is then
+    `TraceTrainerMixin` + verl's `RayPPOTrainer` with these options. Returns that class."""
+    from verl.trainer import main_ppo_v0
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    class TraceRayPPOTrainer(TraceTrainerMixin, RayPPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, trace_options=trace_options, annotator=annotator,
+                             privileged_prompt=privileged_prompt, problem_text=problem_text, **kwargs)
+
+    main_ppo_v0.RayPPOTrainer = TraceRayPPOTrainer
+    return TraceRayPPOTrainer
