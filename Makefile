@@ -39,7 +39,7 @@ test-nodes: $(STAMP)
 # verl's own environment (verl 0.9 pins transformers<5.11; the main one has a newer transformers): the package
 # with its `verl` extra and Liger-Kernel (verl's liger backend), torch pinned to $(TORCH) in the same resolution
 # so that pip never swaps in a CUDA build. The tests call verl's own kernels, forwards, batch conversion and
-# ppo_loss on the CPU (install ~5 min, tests ~2 min on a 2-core machine; docs/verl.md). cachetools, uvicorn and
+# ppo_loss on the CPU (install ~6 min, tests under 1 min on a 2-core machine; docs/verl.md). cachetools, uvicorn and
 # fastapi: imported by verl 0.9.1's trainer (verl.trainer.main_ppo_v0) but not among its requirements.
 VERL_VENV ?= .venv-verl
 $(VERL_VENV)/.installed: pyproject.toml
