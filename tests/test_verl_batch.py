@@ -10,26 +10,15 @@ import torch
 
 verl = pytest.importorskip("verl")
 
-from verl_setup import actor_config, micro_batches, patch, tiny_model, train_step  # noqa: E402
+from verl_setup import actor_config, micro_batches, patch, restore_patches, tiny_model, train_step  # noqa: E402,F401
 
 import trace_train.integrations.verl as tv  # noqa: E402
 from trace_train.annotate import Annotation  # noqa: E402
-from trace_train.integrations import verl_handoff  # noqa: E402
 from trace_train.model import build_char_tokenizer  # noqa: E402
 
 PROMPTS = ["2+3=", "9-4=", "7*6=", "1+1="]
 RESPONSES = ["2+3=5 so 5", "9-4=6", "7*6=42 ok", "1+1=3 no"]
 SCORES = [1.0, 0.0, 1.0, 0.0]
-
-
-@pytest.fixture(autouse=True)
-def restore():
-    from transformers import Qwen3ForCausalLM
-
-    forward = Qwen3ForCausalLM.forward
-    yield
-    Qwen3ForCausalLM.forward = forward
-    verl_handoff.disarm()
 
 
 def _batch(tok):

@@ -23,24 +23,22 @@ import torch
 
 verl = pytest.importorskip("verl")
 
-from verl_setup import actor_config, micro_batches, patch, rollout_batch, tiny_model, train_step, verl_loss  # noqa: E402
+from verl_setup import (  # noqa: E402,F401
+    actor_config,
+    micro_batches,
+    patch,
+    restore_patches,
+    rollout_batch,
+    tiny_model,
+    train_step,
+    verl_loss,
+)
 
 import trace_train.integrations.verl as tv  # noqa: E402
 from trace_train.integrations import verl_handoff  # noqa: E402
 from trace_train.integrations.verl_loss import FORWARD, REVERSE  # noqa: E402
 
 REL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def restore():
-    from transformers import Qwen3ForCausalLM
-
-    forward = Qwen3ForCausalLM.forward
-    yield
-    Qwen3ForCausalLM.forward = forward
-    tv.install()
-    verl_handoff.disarm()
 
 
 def assert_same(ours, ref, rel=REL):

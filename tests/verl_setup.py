@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import partial
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from verl import DataProto
@@ -32,6 +33,20 @@ def tiny_model(layers: int = 2, seed: int = 0, hidden: int = 32) -> Qwen3ForCaus
         model = Qwen3ForCausalLM(config).float()
     model.train()
     return model
+
+
+@pytest.fixture(autouse=True)
+def restore_patches():
+    """verl's monkey patch sets the model class's forward: put it back, and the integration as imported, after
+    each test (imported into a test module, this runs around each of its tests)."""
+    import trace_train.integrations.verl as tv
+    from trace_train.integrations import verl_handoff
+
+    forward = Qwen3ForCausalLM.forward
+    yield
+    Qwen3ForCausalLM.forward = forward
+    tv.install()
+    verl_handoff.disarm()
 
 
 def patch(model, backend: str = "torch") -> None:
