@@ -248,6 +248,27 @@ def test_refusals_name_the_option():
         loss_fn(model_output={}, data=mb)
 
 
+def test_a_forward_only_loss_evaluation_is_verl_s():
+    """verl's infer_batch may evaluate the loss without gradient: the forward then computed the log-probs itself."""
+    from verl_setup import cpu_engine, forward_step
+
+    config = actor_config(entropy_coeff=0.01)
+    batch = rollout_batch(b=4)
+    model = tiny_model(layers=1)
+    losses = []
+    for ours in (False, True):
+        if ours:
+            tv.install()
+        else:
+            tv.uninstall()
+        patch(model)
+        loss_fn = tv.TraceVerlLoss(config) if ours else verl_loss(config)
+        with torch.no_grad():
+            losses.append(sum(float(forward_step(cpu_engine(), model, mb, loss_fn)[0])
+                              for mb in micro_batches(batch)))
+    assert losses[1] == pytest.approx(losses[0], rel=REL)
+
+
 def test_the_loss_arms_the_worker_it_is_sent_to():
     """Ray pickles the loss to the actor workers (set_loss_fn): unpickling arms the hand-over there."""
     data = pickle.dumps(tv.TraceVerlLoss(actor_config()))

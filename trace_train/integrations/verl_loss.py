@@ -124,6 +124,10 @@ class TraceVerlLoss:
             raise ValueError("TraceVerlLoss: verl's top-k distillation (distillation.enabled) is a different loss; "
                              "disable it")
         handoff = _hooks.take_handoff()
+        if handoff is None and not torch.is_grad_enabled():
+            # verl evaluating the loss in a forward-only pass: that forward was verl's (on trace_kernels' kernels),
+            # so model_output holds the log-probs; no gradient, no teacher.
+            return ppo_loss(self.config, model_output, data)
         if handoff is None:
             raise RuntimeError(
                 "TraceVerlLoss found no hidden states from the model's forward: set "
