@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-other-cpu wheel-check demo study bench bench-memory lint clean
+.PHONY: test pytest test-other-cpu wheel-check test-nodes test-verl demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 test: pytest test-other-cpu wheel-check
 
 pytest: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not multinode" tests
 
 # Machines of this kind differ in the CPU kernels torch picks (AVX-512, AVX2), and so in rounding: the tests of
 # training outcomes run again under another kernel set than this machine's own (AVX2 on an AVX-512 CPU, the
@@ -30,6 +30,28 @@ test-other-cpu: $(STAMP)
 # same torch), imported and run for two training steps from a directory outside the repository.
 wheel-check:
 	TORCH="$(TORCH)" .ci/check_wheel.sh
+
+# The trainer across nodes: 2 torchrun nodes x 1 process (c10d rendezvous on loopback) against 1 node x 2 processes
+# (~2 min on a 2-core machine: four torchrun processes start and train; docs/training.md).
+test-nodes: $(STAMP)
+	$(PY) -m pytest -q -m multinode tests/test_train_nodes.py
+
+# verl's own environment (verl 0.9 pins transformers<5.11; the main one has a newer transformers): the package
+# with its `verl` extra and Liger-Kernel (verl's liger backend), torch pinned to $(TORCH) in the same resolution
+# so that pip never swaps in a CUDA build. The tests call verl's own kernels, forwards, batch conversion and
+# ppo_loss on the CPU (install ~6 min, tests under 1 min on a 2-core machine; docs/verl.md). cachetools, uvicorn and
+# fastapi: imported by verl 0.9.1's trainer (verl.trainer.main_ppo_v0) but not among its requirements.
+VERL_VENV ?= .venv-verl
+$(VERL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[dev,train,verl]" "liger-kernel>=0.6" cachetools uvicorn fastapi \
+		$(TORCH)
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	OMP_NUM_THREADS=1 $(VERL_VENV)/bin/python -m pytest -q --durations=10 tests/test_verl_kernels.py \
+		tests/test_verl_loss.py tests/test_verl_batch.py
 
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
@@ -50,4 +72,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info build dist
+	rm -rf $(VENV) $(VERL_VENV) *.egg-info build dist
