@@ -6,7 +6,7 @@
                                               # problems sharded over K ranks (torchrun reads `--n` as its own)
 
 Sampling defaults are the paper's evaluation settings (temperature 0.6, top-p 0.95, top-k 20); the rollouts
-come from the same engines as training (HF generate here; vLLM on CUDA when installed). Under torchrun each
+come from the same engines as training (HF generate; vLLM on CUDA when installed, or with --engine vllm). Under torchrun each
 rank scores a contiguous share of the problems and the results are gathered: rollout i of problem j draws
 with the seed of its global index, so K ranks score exactly what one process scores.
 """
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
             print(f"data error: {e}", file=sys.stderr)
             return 2
     d = init_distributed()
+    engine = None
     try:
         policy, tok = load_for_eval(a.model, a.dtype, d.device)
         sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
                 with open(a.out, "w") as f:
                     json.dump(scores, f, indent=1)
     finally:
+        if engine is not None:
+            engine.close()  # before the process group goes: vLLM's shutdown needs it
         shutdown()
     return 0
 
