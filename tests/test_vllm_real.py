@@ -24,9 +24,10 @@ import sys
 
 import pytest
 
+if os.environ.get("TRACE_REQUIRE_VLLM") == "1":  # the CI job: a broken install fails, never skips
+    import vllm  # noqa: F401
 pytest.importorskip("vllm")
 import torch  # noqa: E402
-
 from launch import ROOT, assert_same_metrics, train  # noqa: E402
 from vllm_worker import save_model  # noqa: E402
 
