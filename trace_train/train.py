@@ -316,7 +316,7 @@ class Trainer:
 
     def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
                      times: dict) -> dict:
-        """The step's metrics from every rank's sums (one all-reduce, the same on every rank)."""
+        """The step's metrics from every rank's sums and maxima (two all-reduces, the same on every rank)."""
         t, d = self.cfg.train, self.d
         tot = dict(zip(metrics.SUM_KEYS, d.all_sum([sums[k] for k in metrics.SUM_KEYS])))
         tot.update(zip(metrics.MAX_KEYS, d.all_max([sums[k] for k in metrics.MAX_KEYS])))

@@ -73,7 +73,7 @@ class VLLMRollouts:
         kw = dict(model=model_path, distributed_executor_backend="external_launcher", tensor_parallel_size=1,
                   gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_level > 0,
                   dtype=str(self.dtype).removeprefix("torch."), enable_prefix_caching=True,
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs", seed=0)  # the external launcher wants a fixed engine seed
         if max_model_len:
             kw["max_model_len"] = max_model_len
         env_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
