@@ -70,8 +70,9 @@ def run(cfg: Config) -> list[dict]:
         trainer = Trainer(cfg, d)
         return trainer.train()
     finally:
-        if trainer is not None:
-            trainer.engine.close()  # before the process group goes: vLLM's shutdown needs it
+        close = getattr(getattr(trainer, "engine", None), "close", None)
+        if close is not None:
+            close()  # before the process group goes: vLLM's shutdown needs it
         shutdown()
 
 
