@@ -80,7 +80,7 @@ class VLLMRollouts:
         if kv_cache_gib or (self.on_cpu and not env_kv):
             kw["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * (1 << 30))
         if self.on_cpu:
-            kw["enforce_eager"] = True  # the CPU backend's default compiles every graph with Inductor: minutes
+            kw["enforce_eager"] = True  # else the CPU backend compiles its graphs with Inductor at start (slow here)
         # The environment variable, read by vLLM after the engine's arguments, must not override kv_cache_gib.
         with _process_kept(drop_env=("VLLM_CPU_KVCACHE_SPACE",) if kv_cache_gib else ()) as kept:
             self.llm = LLM(**kw)
