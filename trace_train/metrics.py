@@ -9,31 +9,41 @@ from __future__ import annotations
 
 import torch
 
+from . import mismatch
 from .annotate import FAILURE_KINDS
 from .routing import Routing
 
-# The per-step sums every rank contributes (all-reduced once per step, in this order on every rank).
+# The per-step sums every rank contributes (all-reduced once per step, in this order on every rank), and the
+# maxima (one all-reduce of their own).
 SUM_KEYS = ("dummies", "loss", "entropy", "fkl", "fkl_n", "rkl", "rkl_n", "kl_rows", "teacher", "clipped",
             "reward", "finished", "annotated", "lift", "lift_n", "lift_fkl", "lift_fkl_n", "lift_rkl", "lift_rkl_n",
-            "lift_all", "kl_ref") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS)
+            "lift_all", "kl_ref") + tuple(f"annotator_failures/{k}" for k in FAILURE_KINDS) + mismatch.SUMS
+MAX_KEYS = mismatch.MAXES
 FAILURE_KEYS = tuple(k for k in SUM_KEYS if k.startswith("annotator_failures/"))
 
 
 def new_sums(dummies: int) -> dict:
     """This rank's sums for one step; `dummies`: its zero-weight micro-batches (fewer groups than another rank)."""
     sums = dict.fromkeys(SUM_KEYS, 0.0)
+    sums.update(dict.fromkeys(MAX_KEYS, -float("inf")))
     sums["dummies"] = float(dummies)
     return sums
 
 
 def add_micro_batch(sums: dict, out, routing: Routing, sampler_logprobs_N: torch.Tensor | None,
-                    clip_low: float, clip_high: float, ref_logprobs_N: torch.Tensor | None = None) -> None:
+                    clip_low: float, clip_high: float, response_lens: list[int] | None = None,
+                    is_weights_N: torch.Tensor | None = None, ref_logprobs_N: torch.Tensor | None = None) -> None:
     """A micro-batch's loss, entropy, per-branch KL (over the rows of positive weight), distilled rows, the
-    tokens whose ratio to the sampler's log-probs is outside the clip range and, with a reference policy, the
-    k3 estimate of KL(policy || reference) per token. sampler_logprobs_N None: a dummy (its loss only: zero)."""
+    tokens whose ratio to the sampler's log-probs is outside the clip range, the sampler / trainer mismatch
+    (trace_train.mismatch: the loss forward's log-probs against the sampler's; is_weights_N: the importance
+    weights applied, None without a correction) and, with a reference policy, the k3 estimate of
+    KL(policy || reference) per token. sampler_logprobs_N None: a dummy (its loss only: zero)."""
     sums["loss"] += out.loss.item()
     if sampler_logprobs_N is None:
         return
+    lens = response_lens if response_lens is not None else [out.logprobs.numel()]
+    for k, v in mismatch.mismatch_sums(sampler_logprobs_N, out.logprobs, lens, is_weights_N).items():
+        sums[k] = max(sums[k], v) if k in MAX_KEYS else sums[k] + v
     sums["entropy"] += out.entropy.sum().item()
     ratio = torch.exp(out.logprobs - sampler_logprobs_N.to(out.logprobs.device))
     sums["clipped"] += ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).sum().item()
@@ -72,10 +82,12 @@ def add_rollouts(sums: dict, rewards: torch.Tensor, finished: list[bool], key_sp
         sums[f"annotator_failures/{kind}"] = float(failures.get(kind, 0))
 
 
-def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, reference: bool = False) -> dict:
-    """The metrics made of the all-reduced sums `tot`: means per response (reward, accuracy, truncated,
+def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, corrected: bool = False,
+              reference: bool = False) -> dict:
+    """The metrics made of the all-reduced sums and maxima `tot`: means per response (reward, accuracy, truncated,
     response_length), per token (entropy, clip_fraction, span_fraction, lift_all, kl_ref: None without a
-    reference policy) and per measured row (fkl, rkl, lift*: None where no row was measured)."""
+    reference policy), per measured row (fkl, rkl, lift*: None where no row was measured) and the mismatch*
+    metrics (trace_train.mismatch.summarize; corrected: an importance correction was applied)."""
     b, n = responses, tokens
     return {
         "loss": tot["loss"], "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
@@ -90,4 +102,5 @@ def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, 
         **{k: tot[k] / tot[k + "_n"] if tot[k + "_n"] else None for k in ("lift", "lift_fkl", "lift_rkl")},
         "lift_all": tot["lift_all"] / n if lift_metric else None,
         "kl_ref": tot["kl_ref"] / n if reference else None,
+        **mismatch.summarize(tot, tokens=n, corrected=corrected),
     }

@@ -30,10 +30,14 @@ class Policy(nn.Module):
         return self.lm.get_output_embeddings().weight
 
     def forward(self, batch: Batch, loss_kwargs: dict, teacher_batch: Batch | None = None,
-                teacher_rows: torch.Tensor | None = None, teacher: tuple | None = None) -> tk.TraceLossOutput:
+                teacher_rows: torch.Tensor | None = None, teacher: tuple | None = None,
+                advantage_weights=None) -> tk.TraceLossOutput:
         """trace_loss on this micro-batch. The teacher (when distilled rows exist anywhere) is either this
         network on teacher_batch, run first without gradient, or `teacher` = (hidden [M, H], weight [V, H])
-        computed by a snapshot. teacher_rows [M] picks the distilled rows out of the teacher's rows."""
+        computed by a snapshot. teacher_rows [M] picks the distilled rows out of the teacher's rows.
+        advantage_weights: a function of the response tokens' log-probs [N] (from these hidden states, one no-grad
+        sweep of the LM head before the loss) giving each token's weight of the GRPO term [N] (an importance
+        correction, trace_train.mismatch), applied to the advantages."""
         kw = dict(loss_kwargs)
         if teacher_batch is not None:
             with torch.no_grad():
@@ -43,7 +47,12 @@ class Policy(nn.Module):
         elif teacher is not None:
             kw["teacher_hidden"], kw["teacher_weight"] = teacher
         hidden = response_hidden(self.lm, batch)
-        return tk.trace_loss(hidden, self.lm_head_weight(), **kw)
+        weight = self.lm_head_weight()
+        if advantage_weights is not None:
+            with torch.no_grad():
+                logp = tk.token_logprobs(hidden.detach(), weight.detach(), kw["targets"], kw.get("temperature", 1.0))
+            kw["advantages"] = kw["advantages"] * advantage_weights(logp).to(kw["advantages"])
+        return tk.trace_loss(hidden, weight, **kw)
 
     def teacher_outputs(self, batch: Batch, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [M, H], LM-head weight [V, H]) of a frozen copy, without gradient; the weight is cloned

@@ -78,6 +78,7 @@ def batch_loss(
     impl: str = "auto",
     packing: bool = True,
     packing_row_tokens: int = 0,
+    advantage_weights=None,
 ) -> tk.TraceLossOutput:
     """trace_loss for B rollouts through `policy` (trace_train.policy.Policy, FSDP-sharded or not).
     advantages: [B] per response (broadcast to its tokens); old/ref log-probs [N] per response token;
@@ -117,9 +118,10 @@ def batch_loss(
                   kl_clip_mode=loss_cfg.kl_clip_mode)
     elif teacher_needed:
         tbatch = make([[pad_id]], [[pad_id]])
+    aw = dict(advantage_weights=advantage_weights) if advantage_weights is not None else {}
     if tbatch is None:
-        return policy(batch, kw)
+        return policy(batch, kw, **aw)
     if snapshot is None:
-        return policy(batch, kw, teacher_batch=tbatch, teacher_rows=rows)
+        return policy(batch, kw, teacher_batch=tbatch, teacher_rows=rows, **aw)
     teacher = snapshot.teacher_outputs(tbatch, rows)
-    return policy(batch, kw, teacher=teacher if rows is not None else None)
+    return policy(batch, kw, teacher=teacher if rows is not None else None, **aw)

@@ -27,6 +27,7 @@ from .config import Config, config_text, load_config, save_config
 from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
 from .eval import PAPER_SAMPLING, evaluate
 from .faults import crash_if
+from .mismatch import Correction
 from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
 from .optim import build_optimizer
 from .policy import Policy
@@ -66,9 +67,14 @@ def build_policy(cfg: Config, d: Dist, weights_from=None):
 def run(cfg: Config) -> list[dict]:
     """Train; returns the metrics of the steps run (rank 0 also appends them to <output_dir>/metrics.jsonl)."""
     d = init_distributed()
+    trainer = None
     try:
-        return Trainer(cfg, d).train()
+        trainer = Trainer(cfg, d)
+        return trainer.train()
     finally:
+        close = getattr(getattr(trainer, "engine", None), "close", None)
+        if close is not None:
+            close()  # before the process group goes: vLLM's shutdown needs it
         shutdown()
 
 
@@ -132,7 +138,10 @@ class Trainer:
         self.opt, self.sched = build_optimizer(self.policy.parameters(), t)
         self.engine = make_engine(t.engine, self.policy, self.tok, Sampling(t.max_new_tokens, t.temperature),
                                   synced=d.world > 1, model_path=cfg.model.path,
-                                  dtype=cfg.model.compute_dtype or cfg.model.dtype)
+                                  dtype=cfg.model.compute_dtype or cfg.model.dtype,
+                                  vllm_options=dict(gpu_memory_utilization=t.vllm_gpu_memory_utilization,
+                                                    kv_cache_gib=t.vllm_kv_cache_gib,
+                                                    max_model_len=t.vllm_max_model_len))
         self.annotator = (make_annotator(cfg, self.task, self.engine, self.tok)
                           if t.algorithm == "trace" or tc.measure_spans else None)
         self.start = (load_checkpoint(self.policy, self.opt, self.snapshot, t.output_dir, self.sched)
@@ -298,9 +307,15 @@ class Trainer:
         ref_lp = (batch_logprobs(self.reference, pad, prompts, responses, temperature=t.temperature,
                                  packing=t.packing, packing_row_tokens=t.packing_row_tokens)
                   if self.reference is not None else None)
+        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]) if idx else None
+        lens = [s.lens[i] for i in idx]
+        # The sampler / trainer mismatch's importance weights of the GRPO term, from the loss forward's log-probs.
+        correction = (Correction(sampler_lp, lens, lc.is_correction, clip_min=lc.is_clip_min or None,
+                                 clip_max=lc.is_clip_max or None) if idx and lc.is_correction != "none" else None)
         if idx:
             out = batch_loss(self.policy, pad, prompts, responses, s.advantages[idx], routing, lc,
-                             teacher_prompts=[teacher_prompts[i] for i in idx], ref_logprobs=ref_lp, **common)
+                             teacher_prompts=[teacher_prompts[i] for i in idx], ref_logprobs=ref_lp,
+                             advantage_weights=correction, **common)
         else:
             routing = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
             out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, ref_logprobs=ref_lp,
@@ -310,8 +325,8 @@ class Trainer:
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
-        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]) if idx else None
-        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high, ref_lp if idx else None)
+        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high, lens,
+                                correction.weights_N if correction else None, ref_lp if idx else None)
         return out.logprobs.detach() if idx else None
 
     def optimizer_step(self) -> tuple[float, float]:
@@ -346,11 +361,12 @@ class Trainer:
 
     def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
                      times: dict) -> dict:
-        """The step's metrics from every rank's sums (one all-reduce, the same on every rank)."""
+        """The step's metrics from every rank's sums and maxima (two all-reduces, the same on every rank)."""
         t, d = self.cfg.train, self.d
         tot = dict(zip(metrics.SUM_KEYS, d.all_sum([sums[k] for k in metrics.SUM_KEYS])))
+        tot.update(zip(metrics.MAX_KEYS, d.all_max([sums[k] for k in metrics.MAX_KEYS])))
         out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, lift_metric=t.lift_metric,
-                                reference=self.reference is not None)
+                                corrected=self.cfg.loss.is_correction != "none", reference=self.reference is not None)
         if s.annotating:
             self.all_failed_streak = self.all_failed_streak + 1 if out["annotator_failures"] == s.b_global else 0
             if self.all_failed_streak >= ALL_FAILED_WARN_STEPS and d.main:

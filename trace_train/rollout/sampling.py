@@ -30,15 +30,17 @@ class Sampling:
 
 
 def filter_logits(logits_BV: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering, as log-probs of the sampling distribution."""
-    logp = torch.log_softmax(logits_BV.float() / s.temperature, dim=-1)
-    if 0 < s.top_k < logp.shape[-1]:
-        kth = torch.topk(logp, s.top_k, dim=-1).values[:, -1:]
-        logp = logp.masked_fill(logp < kth, float("-inf"))
+    """Temperature, then top-k, then top-p (nucleus) filtering, as log-probs of the sampling distribution, with
+    vLLM's semantics: top-k keeps every token whose logit is at least the k-th largest (ties included), top-p is
+    taken on the top-k distribution renormalized, dropping the tokens (least likely first) whose cumulative mass
+    is at most 1 - top_p and always keeping the most likely one."""
+    z = logits_BV.float() / s.temperature
+    if 0 < s.top_k < z.shape[-1]:
+        kth = torch.topk(z, s.top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
     if s.top_p < 1.0:
-        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
-        drop = torch.zeros_like(logp, dtype=torch.bool).scatter(-1, order, mass_before >= s.top_p)
-        logp = logp.masked_fill(drop, float("-inf"))
-    return torch.log_softmax(logp, dim=-1)
+        z_sorted, order = torch.sort(z, dim=-1)  # ascending, as vLLM's sampler
+        drop = torch.cumsum(torch.softmax(z_sorted, dim=-1), dim=-1) <= 1 - s.top_p
+        drop[:, -1] = False
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.log_softmax(z, dim=-1)
