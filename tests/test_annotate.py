@@ -358,7 +358,8 @@ def test_training_continues_through_annotator_failures(server, tmp_path):
     s = server(default=_oracle)
     cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=4",
-        "train.max_new_tokens=12", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
+        "train.max_new_tokens=12", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_model=m",
+        "trace.api_retries=0",
         "trace.reverse_kl=true", "train.export_hf=false"])
     history = run(cfg)
     assert len(history) == 2
@@ -386,7 +387,8 @@ def test_training_completes_through_a_server_that_fails_every_request(server, tm
     s = server(default=failing)
     cfg = load_config("toy", [
         f"train.output_dir={tmp_path}", "train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_per_prompt=8",
-        "train.max_new_tokens=8", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_retries=0",
+        "train.max_new_tokens=8", "trace.annotator=api", f"trace.api_base_url={s.url}", "trace.api_model=m",
+        "trace.api_retries=0",
         "trace.api_timeout_s=1.0", "trace.api_deadline_s=1.5", "trace.reverse_kl=true", "train.export_hf=false"])
     history = train.run(cfg)
     assert [m["step"] for m in history] == [0, 1] and len(s.requests) == 32  # one request per job, no retries

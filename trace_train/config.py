@@ -44,6 +44,8 @@ RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.vllm_gpu_memory_utilization": (0, False, 1, True),
     "train.vllm_kv_cache_gib": (0, True, INF, False),
     "train.vllm_max_model_len": (0, True, INF, False),
+    "train.mini_batches": (1, True, INF, False),
+    "train.epochs": (1, True, INF, False),
     "train.micro_batch_tokens": (0, True, INF, False),
     "train.packing_row_tokens": (0, True, INF, False),
     "train.grad_clip": (0, False, INF, True),
@@ -124,14 +126,16 @@ class TrainConfig:
     vllm_gpu_memory_utilization: float = 0.35  # GPUs: the card's fraction for vLLM (weights, activations, KV cache)
     vllm_kv_cache_gib: float = 0.0  # vLLM's KV cache in GiB; 0: CPU VLLM_CPU_KVCACHE_SPACE or 1, GPU from the above
     vllm_max_model_len: int = 0  # vLLM's prompt + response tokens per sequence; 0: the model's maximum
+    mini_batches: int = 1  # optimizer updates per pass over a rollout batch, each on a disjoint share of the rollouts
+    epochs: int = 1  # passes over each rollout batch (mini_batches x epochs updates; > 1 recomputes old log-probs)
     micro_batch_tokens: int = 0  # token budget per micro-batch (prompt + response, teacher included); 0: one
     packing: bool = True  # padding-free micro-batches (sequences concatenated, position_ids restart); false: padded
     packing_row_tokens: int = 0  # packed row width with sdpa/eager (dense masks); 0: the longest sequence
     grad_clip: float = 1.0
     lr_schedule: str = "constant"  # constant | cosine | linear (decay to min_lr_ratio * lr at max_steps)
-    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr over these steps
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr over these optimizer updates
     min_lr_ratio: float = 0.0  # cosine / linear: the final lr as a fraction of lr
-    lr_decay_steps: int = 0  # cosine / linear: the schedule's length in steps (warmup included); 0: max_steps
+    lr_decay_steps: int = 0  # cosine / linear: the schedule's length in updates (warmup included); 0: all updates
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -239,6 +243,10 @@ class Config:
             raise ValueError(f"model.dtype: unknown {self.model.dtype!r} ({' | '.join(DTYPES)})")
         if self.model.compute_dtype not in ("",) + DTYPES:
             raise ValueError(f"model.compute_dtype: unknown {self.model.compute_dtype!r} ('' | {' | '.join(DTYPES)})")
+        rollouts = self.train.prompts_per_step * self.train.rollouts_per_prompt
+        if self.train.mini_batches > rollouts:
+            raise ValueError(f"train.mini_batches ({self.train.mini_batches}) must be at most the rollouts of a step "
+                             f"(train.prompts_per_step x train.rollouts_per_prompt = {rollouts})")
         if self.data.max_ops < self.data.min_ops:
             raise ValueError(f"data.max_ops ({self.data.max_ops}) must be >= data.min_ops ({self.data.min_ops})")
         if self.model.tiny_hidden % self.model.tiny_heads:

@@ -22,31 +22,34 @@ MAX_KEYS = mismatch.MAXES
 FAILURE_KEYS = tuple(k for k in SUM_KEYS if k.startswith("annotator_failures/"))
 
 
-def new_sums(dummies: int) -> dict:
-    """This rank's sums for one step; `dummies`: its zero-weight micro-batches (fewer groups than another rank)."""
+def new_sums() -> dict:
+    """This rank's sums and maxima for one step, all zero (maxima at -inf)."""
     sums = dict.fromkeys(SUM_KEYS, 0.0)
     sums.update(dict.fromkeys(MAX_KEYS, -float("inf")))
-    sums["dummies"] = float(dummies)
     return sums
 
 
-def add_micro_batch(sums: dict, out, routing: Routing, sampler_logprobs_N: torch.Tensor | None,
-                    clip_low: float, clip_high: float, response_lens: list[int] | None = None,
-                    is_weights_N: torch.Tensor | None = None, ref_logprobs_N: torch.Tensor | None = None) -> None:
-    """A micro-batch's loss, entropy, per-branch KL (over the rows of positive weight), distilled rows, the
-    tokens whose ratio to the sampler's log-probs is outside the clip range, the sampler / trainer mismatch
-    (trace_train.mismatch: the loss forward's log-probs against the sampler's; is_weights_N: the importance
-    weights applied, None without a correction) and, with a reference policy, the k3 estimate of
-    KL(policy || reference) per token. sampler_logprobs_N None: a dummy (its loss only: zero)."""
+def add_loss(sums: dict, out) -> None:
+    """A dummy micro-batch (a rank with fewer micro-batches than another): its loss (zero) and the count."""
     sums["loss"] += out.loss.item()
-    if sampler_logprobs_N is None:
-        return
-    lens = response_lens if response_lens is not None else [out.logprobs.numel()]
-    for k, v in mismatch.mismatch_sums(sampler_logprobs_N, out.logprobs, lens, is_weights_N).items():
-        sums[k] = max(sums[k], v) if k in MAX_KEYS else sums[k] + v
+    sums["dummies"] += 1
+
+
+def add_micro_batch(sums: dict, out, routing: Routing, advantages_N: torch.Tensor, old_logprobs_N: torch.Tensor | None,
+                    loss_cfg, ref_logprobs_N: torch.Tensor | None = None, *, first_epoch: bool = True) -> None:
+    """A micro-batch of one update: its loss, entropy, per-branch KL (over the rows of positive weight), the
+    tokens whose gradient GRPO's clip stops (ratio exp(logp - old) above 1 + clip_high with a positive
+    advantage, below 1 - clip_low with a negative one; old None: on-policy, ratio 1), and with a reference
+    policy the k3 estimate of KL(policy || reference). advantages_N: each token's advantage as the loss saw it
+    (importance weights included). Distilled rows and teacher rollouts describe the rollouts: counted in the
+    first epoch only."""
+    sums["loss"] += out.loss.item()
     sums["entropy"] += out.entropy.sum().item()
-    ratio = torch.exp(out.logprobs - sampler_logprobs_N.to(out.logprobs.device))
-    sums["clipped"] += ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).sum().item()
+    if old_logprobs_N is not None:
+        ratio = torch.exp(out.logprobs - old_logprobs_N.to(out.logprobs.device)).cpu()
+        adv = advantages_N.cpu()
+        stopped = ((ratio > 1 + loss_cfg.clip_high) & (adv > 0)) | ((ratio < 1 - loss_cfg.clip_low) & (adv < 0))
+        sums["clipped"] += stopped.sum().item()
     for name, w in (("fkl", routing.fkl_weight_M), ("rkl", routing.rkl_weight_M)):
         vals = getattr(out, name)
         if vals is not None:
@@ -55,9 +58,19 @@ def add_micro_batch(sums: dict, out, routing: Routing, sampler_logprobs_N: torch
             sums[name + "_n"] += rows.sum().item()
     if ref_logprobs_N is not None:
         d = ref_logprobs_N.to(out.logprobs.device).double() - out.logprobs.double()
-        sums["kl_ref"] += (torch.exp(d) - d - 1).sum().item()  # k3, the penalty loss.beta weighs
-    sums["kl_rows"] += routing.kl_index_M.numel()
-    sums["teacher"] += len(routing.teacher_responses)
+        sums["kl_ref"] += torch.special.expm1(d).sub(d).sum().item()  # k3, the penalty loss.beta weighs
+    if first_epoch:
+        sums["kl_rows"] += routing.kl_index_M.numel()
+        sums["teacher"] += len(routing.teacher_responses)
+
+
+def add_mismatch(sums: dict, sampler_logprobs_N: torch.Tensor, trainer_logprobs_N: torch.Tensor, lens: list[int],
+                 is_weights_N: torch.Tensor | None) -> None:
+    """The sampler / trainer mismatch of a micro-batch's tokens, once per rollout (trace_train.mismatch: the
+    trainer's log-probs before the update against the sampler's; is_weights_N: the importance weights applied,
+    None without a correction)."""
+    for k, v in mismatch.mismatch_sums(sampler_logprobs_N, trainer_logprobs_N, lens, is_weights_N).items():
+        sums[k] = max(sums[k], v) if k in MAX_KEYS else sums[k] + v
 
 
 def add_lift(sums: dict, delta_N: torch.Tensor, spans: Routing) -> None:
@@ -82,25 +95,26 @@ def add_rollouts(sums: dict, rewards: torch.Tensor, finished: list[bool], key_sp
         sums[f"annotator_failures/{kind}"] = float(failures.get(kind, 0))
 
 
-def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, corrected: bool = False,
-              reference: bool = False) -> dict:
+def summarize(tot: dict, *, responses: float, tokens: float, lift_metric: bool, updates: int = 1, epochs: int = 1,
+              corrected: bool = False, reference: bool = False) -> dict:
     """The metrics made of the all-reduced sums and maxima `tot`: means per response (reward, accuracy, truncated,
-    response_length), per token (entropy, clip_fraction, span_fraction, lift_all, kl_ref: None without a
-    reference policy), per measured row (fkl, rkl, lift*: None where no row was measured) and the mismatch*
-    metrics (trace_train.mismatch.summarize; corrected: an importance correction was applied)."""
-    b, n = responses, tokens
+    response_length), per token (span_fraction, lift_all) and per token and update (entropy, clip_fraction,
+    kl_ref: None without a reference policy; each token is trained on once per epoch), the mean loss of the
+    step's `updates` optimizer updates, per measured row (fkl, rkl, lift*: None where no row was measured) and
+    the mismatch* metrics (trace_train.mismatch.summarize; corrected: an importance correction was applied)."""
+    b, n, ne = responses, tokens, tokens * epochs
     return {
-        "loss": tot["loss"], "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
-        "entropy": tot["entropy"] / n, "response_length": n / b, "truncated": 1.0 - tot["finished"] / b,
+        "loss": tot["loss"] / updates, "reward": tot["reward"] / b, "accuracy": tot["reward"] / b,
+        "entropy": tot["entropy"] / ne, "response_length": n / b, "truncated": 1.0 - tot["finished"] / b,
         "fkl": tot["fkl"] / tot["fkl_n"] if tot["fkl_n"] else None,
         "rkl": tot["rkl"] / tot["rkl_n"] if tot["rkl_n"] else None,
         "span_fraction": tot["kl_rows"] / n, "teacher_rollouts": int(tot["teacher"]),
         "annotated_rollouts": int(tot["annotated"]),
         "annotator_failures": int(sum(tot[k] for k in FAILURE_KEYS)), **{k: int(tot[k]) for k in FAILURE_KEYS},
-        "clip_fraction": tot["clipped"] / n, "dummy_micro_batches": int(tot["dummies"]),
+        "clip_fraction": tot["clipped"] / ne, "dummy_micro_batches": int(tot["dummies"]),
         # nats per token; None where no row was measured (train.lift_metric off, or no spans at this step)
         **{k: tot[k] / tot[k + "_n"] if tot[k + "_n"] else None for k in ("lift", "lift_fkl", "lift_rkl")},
         "lift_all": tot["lift_all"] / n if lift_metric else None,
-        "kl_ref": tot["kl_ref"] / n if reference else None,
+        "kl_ref": tot["kl_ref"] / ne if reference else None,
         **mismatch.summarize(tot, tokens=n, corrected=corrected),
     }

@@ -1,5 +1,6 @@
 """AdamW and its learning-rate schedule from `[train]`: linear warmup, then constant, cosine or linear decay
-to `min_lr_ratio * lr` at the last step. The schedule is a pure function of the step (`lr_factor`); the
+to `min_lr_ratio * lr` at the last optimizer update (train.warmup_steps and train.lr_decay_steps count updates:
+train.mini_batches x train.epochs of them per step). The schedule is a pure function of the step (`lr_factor`); the
 LambdaLR that applies it is saved in checkpoints with the optimizer, so a resumed run continues exactly."""
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build_optimizer(params, t: TrainConfig) -> tuple[torch.optim.AdamW, torch.op
     """(AdamW, its scheduler): call scheduler.step() after each optimizer.step()."""
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                             weight_decay=t.weight_decay)
-    total = t.lr_decay_steps or t.max_steps
+    # The schedule counts optimizer updates: train.mini_batches x train.epochs per rollout batch (step).
+    total = t.lr_decay_steps or t.max_steps * t.mini_batches * t.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, t.lr_schedule, t.warmup_steps, total, t.min_lr_ratio))
     return opt, sched

@@ -79,6 +79,7 @@ def batch_loss(
     packing: bool = True,
     packing_row_tokens: int = 0,
     advantage_weights=None,
+    token_weights_N: torch.Tensor | None = None,
 ) -> tk.TraceLossOutput:
     """trace_loss for B rollouts through `policy` (trace_train.policy.Policy, FSDP-sharded or not).
     advantages: [B] per response (broadcast to its tokens); old/ref log-probs [N] per response token;
@@ -99,7 +100,8 @@ def batch_loss(
     lens = torch.tensor(batch.response_lens, device=device)
     kw = dict(
         targets=batch.targets.to(device),
-        advantages=torch.repeat_interleave(advantages.to(device, torch.float32), lens),
+        advantages=torch.repeat_interleave(advantages.to(device, torch.float32), lens)
+        * (1 if token_weights_N is None else token_weights_N.to(device, torch.float32)),
         pg_weight=routing.pg_weight_N.to(device), old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         beta=loss_cfg.beta, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high, temperature=temperature,
         impl=impl,

@@ -27,7 +27,7 @@ from .config import Config, config_text, load_config, save_config
 from .dist import Dist, init_distributed, set_gradient_sync, shard, shutdown
 from .eval import PAPER_SAMPLING, evaluate
 from .faults import crash_if
-from .mismatch import Correction
+from .mismatch import Correction, importance_weights
 from .model import char_to_token_spans, load_policy, load_sharded_weights, token_char_offsets
 from .optim import build_optimizer
 from .policy import Policy
@@ -242,8 +242,11 @@ class Trainer:
                 s.diagnostics[i] = a.diagnostic
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step: rollouts, spans, every micro-batch's forward and backward (gradients reduced
-        once, on the last), clipping, AdamW and the schedule; returns the step's metrics."""
+        """One rollout batch: rollouts, spans, then train.epochs passes over train.mini_batches disjoint shares of
+        the rollouts, one optimizer update per share (every micro-batch's forward and backward, gradients reduced
+        once, on the last; clipping, AdamW, the schedule); returns the step's metrics. With more than one update
+        the log-probs of the weights before the first update are computed first, without gradient: the old
+        log-probs of GRPO's ratio (the default single update is on-policy and adds no forward)."""
         t = self.cfg.train
         t0 = time.perf_counter()
         s = self.rollouts(step)
@@ -252,21 +255,34 @@ class Trainer:
         t_annotate = time.perf_counter() - t0 - t_rollout
 
         teacher_prompts = self.teacher_prompts(s)
-        groups = self.micro_batches(s, teacher_prompts)
-        sums = metrics.new_sums(dummies=sum(1 for g in groups if not g))
+        sums = metrics.new_sums()
         self.policy.train()  # rollouts may have left it in eval mode; checkpointing needs training mode
-        before = []  # per micro-batch: the response tokens' log-probs under the weights before the update
-        for g, idx in enumerate(groups):
-            # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
-            if t.grad_sync == "step":
-                set_gradient_sync(self.policy, g == len(groups) - 1)
-            before.append(self.micro_batch(s, idx, teacher_prompts, sums))
-            crash_if("backward", step)
-        grad_norm, lr = self.optimizer_step()
+        shares = self.mini_batches(s)
+        updates = [(epoch, share) for epoch in range(t.epochs) for share in shares]
+        # The log-probs before the update(s), per rollout: GRPO's old log-probs (recomputed when several updates
+        # follow) or the single update's own forward (on-policy); the lift and mismatch metrics start from them.
+        old = self.old_logprobs(s, sums) if len(updates) > 1 else None
+        before = old if old is not None else [None] * len(s.lens)
+        n_micro, grad_norms = 0, []
+        for epoch, share in updates:
+            groups = self.micro_batches_of(s, share, teacher_prompts)
+            counts = self.d.all_sum([sum(s.lens[i] for i in share), len(share)])
+            for g, idx in enumerate(groups):
+                # Gradients are reduced across ranks on the last micro-batch only (accumulated unsharded before).
+                if t.grad_sync == "step":
+                    set_gradient_sync(self.policy, g == len(groups) - 1)
+                lp = self.micro_batch(s, idx, teacher_prompts, sums, old, counts, first_epoch=epoch == 0)
+                if old is None and lp is not None:
+                    for i, x in zip(idx, lp.split([s.lens[i] for i in idx])):
+                        before[i] = x
+                crash_if("backward", step)
+            n_micro += len(groups)
+            grad_norm, lr = self.optimizer_step()
+            grad_norms.append(grad_norm)
         if t.lift_metric:
-            self.lift(s, groups, before, sums)
+            self.lift(s, before, sums)
         metrics.add_rollouts(sums, s.rewards, s.ro.finished, s.key, s.err, s.failures)
-        return self.step_metrics(step, s, sums, grad_norm, lr, len(groups),
+        return self.step_metrics(step, s, sums, grad_norms, lr, n_micro, len(updates),
                                  dict(time_rollout_s=t_rollout, time_annotate_s=t_annotate,
                                       time_train_s=time.perf_counter() - t0 - t_rollout - t_annotate))
 
@@ -278,44 +294,85 @@ class Trainer:
         return [self.tok(self.task.teacher_text(ex, dg), add_special_tokens=False)["input_ids"]
                 for ex, dg in zip(s.owners, s.diagnostics)]
 
-    def micro_batches(self, s: StepRollouts, teacher_prompts: list[list[int]]) -> list[list[int]]:
-        """The rollouts of each micro-batch, packed by train.micro_batch_tokens (student and teacher tokens).
-        Every rank runs as many micro-batches as the rank with the most (the extra ones empty: a zero-weight
-        dummy), so that FSDP's collectives line up."""
-        sizes = [len(p) + n + (len(tp) + n if tp else 0) for p, tp, n in zip(s.ro.prompts, teacher_prompts, s.lens)]
-        groups = pack(sizes, self.cfg.train.micro_batch_tokens)
+    def mini_batches(self, s: StepRollouts) -> list[list[int]]:
+        """This rank's rollouts of each of the train.mini_batches shares: global rollout g goes to share
+        g % mini_batches, so a share holds the same rollouts whatever the world size (K ranks = 1 process)."""
+        m = self.cfg.train.mini_batches
+        return [[i for i in range(len(s.lens)) if (s.first + i) % m == j] for j in range(m)]
+
+    def micro_batches_of(self, s: StepRollouts, share: list[int], teacher_prompts: list[list[int]]
+                         ) -> list[list[int]]:
+        """The rollouts of each micro-batch of `share`, packed by train.micro_batch_tokens (student and teacher
+        tokens). Every rank runs as many micro-batches as the rank with the most (the extra ones empty: a
+        zero-weight dummy), so that FSDP's collectives line up."""
+        sizes = [len(s.ro.prompts[i]) + s.lens[i] + (len(teacher_prompts[i]) + s.lens[i] if teacher_prompts[i] else 0)
+                 for i in share]
+        groups = [[share[j] for j in g] for g in pack(sizes, self.cfg.train.micro_batch_tokens)]
         n_micro = int(self.d.all_max([len(groups)])[0])
         return groups + [[] for _ in range(n_micro - len(groups))]
 
-    def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict) -> torch.Tensor | None:
+    def old_logprobs(self, s: StepRollouts, sums: dict) -> list[torch.Tensor]:
+        """[n_i] per rollout: the response tokens' log-probs under the weights before the step's first update, no
+        gradient, in micro-batches of every rollout (dummies where a rank has fewer); adds the sampler / trainer
+        mismatch of these log-probs, once per rollout."""
+        t, pad = self.cfg.train, self.tok.pad_token_id
+        old = [None] * len(s.lens)
+        for idx in self.micro_batches_of(s, list(range(len(s.lens))), [[] for _ in s.lens]):
+            lp = batch_logprobs(self.policy, pad, [s.ro.prompts[i] for i in idx], [s.ro.responses[i] for i in idx],
+                                temperature=t.temperature, packing=t.packing, packing_row_tokens=t.packing_row_tokens)
+            if idx:
+                for i, x in zip(idx, lp.split([s.lens[i] for i in idx])):
+                    old[i] = x.detach()
+                metrics.add_mismatch(sums, torch.cat([s.ro.logprobs[i] for i in idx]), lp, [s.lens[i] for i in idx],
+                                     self.is_weights(s, idx, lp))
+        return old
+
+    def is_weights(self, s: StepRollouts, idx: list[int], trainer_lp_N: torch.Tensor) -> torch.Tensor | None:
+        """[N] the importance weights of the GRPO term for the sampler / trainer mismatch (loss.is_correction),
+        from the trainer's log-probs before the update; None without a correction."""
+        lc = self.cfg.loss
+        if lc.is_correction == "none":
+            return None
+        return importance_weights(torch.cat([s.ro.logprobs[i] for i in idx]), trainer_lp_N, [s.lens[i] for i in idx],
+                                  lc.is_correction, clip_min=lc.is_clip_min or None, clip_max=lc.is_clip_max or None)
+
+    def micro_batch(self, s: StepRollouts, idx: list[int], teacher_prompts: list, sums: dict, old: list | None,
+                    counts: list[float], first_epoch: bool = True) -> torch.Tensor | None:
         """Forward and backward of the rollouts `idx` (empty: a one-token, zero-weight dummy, for a rank with
-        fewer micro-batches than another); adds this micro-batch's sums. Returns the response tokens' log-probs
-        [N] of this forward (None for a dummy)."""
+        fewer micro-batches than another); adds this micro-batch's sums. old: the old log-probs per rollout
+        (None: on-policy); counts: the global (tokens, responses) of the update's share, the loss's normalisers.
+        Returns the response tokens' log-probs [N] of this forward (None for a dummy)."""
         t, lc, tc, d = self.cfg.train, self.cfg.loss, self.cfg.trace, self.d
         routing = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
                         [s.err[i] for i in idx], algorithm=t.algorithm, lam=s.lam, w0=tc.w0,
                         forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl,
                         opd_all_direction=tc.opd_all_direction, aggregation=lc.aggregation,
-                        global_responses=int(s.b_global), global_tokens=int(s.n_global))
+                        global_responses=int(counts[1]), global_tokens=int(counts[0]))
         # The teacher runs on every rank whenever any rank distills, so that FSDP's collectives line up.
         needed = d.all_max([float(routing.has_kl)])[0] > 0
         common = dict(snapshot=self.snapshot, teacher_needed=needed, temperature=t.temperature, packing=t.packing,
                       packing_row_tokens=t.packing_row_tokens)
         pad = self.tok.pad_token_id
         prompts, responses = ([s.ro.prompts[i] for i in idx], [s.ro.responses[i] for i in idx]) if idx else ([], [])
+        lens = [s.lens[i] for i in idx]
         # The reference policy's log-probs (loss.beta > 0), in the same layout, on every rank (dummies too)
         ref_lp = (batch_logprobs(self.reference, pad, prompts, responses, temperature=t.temperature,
                                  packing=t.packing, packing_row_tokens=t.packing_row_tokens)
                   if self.reference is not None else None)
-        sampler_lp = torch.cat([s.ro.logprobs[i] for i in idx]) if idx else None
-        lens = [s.lens[i] for i in idx]
-        # The sampler / trainer mismatch's importance weights of the GRPO term, from the loss forward's log-probs.
-        correction = (Correction(sampler_lp, lens, lc.is_correction, clip_min=lc.is_clip_min or None,
-                                 clip_max=lc.is_clip_max or None) if idx and lc.is_correction != "none" else None)
+        old_lp = torch.cat([old[i] for i in idx]) if idx and old is not None else None
+        # The mismatch's importance weights of the GRPO term: from the old log-probs when they were recomputed,
+        # else from the loss forward's own (one no-grad sweep inside it: trace_train.mismatch.Correction).
+        correction = weights = None
+        if idx and lc.is_correction != "none":
+            if old_lp is not None:
+                weights = self.is_weights(s, idx, old_lp)
+            else:
+                correction = Correction(torch.cat([s.ro.logprobs[i] for i in idx]), lens, lc.is_correction,
+                                        clip_min=lc.is_clip_min or None, clip_max=lc.is_clip_max or None)
         if idx:
             out = batch_loss(self.policy, pad, prompts, responses, s.advantages[idx], routing, lc,
                              teacher_prompts=[teacher_prompts[i] for i in idx], ref_logprobs=ref_lp,
-                             advantage_weights=correction, **common)
+                             old_logprobs=old_lp, advantage_weights=correction, token_weights_N=weights, **common)
         else:
             routing = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
             out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, ref_logprobs=ref_lp,
@@ -325,9 +382,18 @@ class Trainer:
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
-        metrics.add_micro_batch(sums, out, routing, sampler_lp, lc.clip_low, lc.clip_high, lens,
-                                correction.weights_N if correction else None, ref_lp if idx else None)
-        return out.logprobs.detach() if idx else None
+        if not idx:
+            metrics.add_loss(sums, out)
+            return None
+        if correction is not None:
+            weights = correction.weights_N
+        adv_N = torch.repeat_interleave(s.advantages[idx].float(), torch.tensor(lens))
+        if weights is not None:
+            adv_N = adv_N * weights.cpu()
+        metrics.add_micro_batch(sums, out, routing, adv_N, old_lp, lc, ref_lp, first_epoch=first_epoch)
+        if old is None:  # on-policy: this forward's log-probs are the trainer's before the update
+            metrics.add_mismatch(sums, torch.cat([s.ro.logprobs[i] for i in idx]), out.logprobs, lens, weights)
+        return out.logprobs.detach()
 
     def optimizer_step(self) -> tuple[float, float]:
         """Gradient clipping, AdamW and the schedule; returns (gradient norm before clipping, learning rate)."""
@@ -339,33 +405,36 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)  # now, not before the next backward: no gradients during rollouts
         return grad_norm.item(), lr
 
-    def lift(self, s: StepRollouts, groups: list[list[int]], before: list, sums: dict) -> None:
-        """The lift metric: after the optimizer step, one no-grad forward of every micro-batch (the same groups,
+    def lift(self, s: StepRollouts, before: list, sums: dict) -> None:
+        """The lift metric: after the step's last update, one no-grad forward of every rollout (in micro-batches,
         dummies included, so that FSDP's collectives line up across ranks) and the change of each response
-        token's log-prob across the update, summed over the span rows TRACE distills (forward KL: key spans
-        of correct rollouts; reverse KL: error spans of incorrect ones, as the run's trace.forward_kl /
-        trace.reverse_kl select them) and over all response tokens. For TRACE these are exactly the distilled
-        rows; grpo and opd_all runs have span rows only with trace.measure_spans."""
+        token's log-prob across the step's updates (`before`: per rollout, under the weights before the first),
+        summed over the span rows TRACE distills (forward KL: key spans of correct rollouts; reverse KL: error
+        spans of incorrect ones, as the run's trace.forward_kl / trace.reverse_kl select them) and over all
+        response tokens. For TRACE these are exactly the distilled rows; grpo and opd_all runs have span rows only
+        with trace.measure_spans."""
         t, tc = self.cfg.train, self.cfg.trace
         pad = self.tok.pad_token_id
-        for idx, lp_before in zip(groups, before):
+        for idx in self.micro_batches_of(s, list(range(len(s.lens))), [[] for _ in s.lens]):
             lp_after = batch_logprobs(self.policy, pad, [s.ro.prompts[i] for i in idx],
                                       [s.ro.responses[i] for i in idx], temperature=t.temperature,
                                       packing=t.packing, packing_row_tokens=t.packing_row_tokens)
             if not idx:
                 continue
+            lp_before = torch.cat([before[i] for i in idx]).to(lp_after.device)
             spans = route([s.lens[i] for i in idx], [bool(s.rewards[i]) for i in idx], [s.key[i] for i in idx],
                           [s.err[i] for i in idx], algorithm="trace", lam=tc.w0, w0=tc.w0,
                           forward_kl=tc.forward_kl, reverse_kl=tc.reverse_kl)
-            metrics.add_lift(sums, (lp_after - lp_before.to(lp_after.device)).double().cpu(), spans)
+            metrics.add_lift(sums, (lp_after - lp_before).double().cpu(), spans)
 
-    def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norm: float, lr: float, n_micro: int,
-                     times: dict) -> dict:
+    def step_metrics(self, step: int, s: StepRollouts, sums: dict, grad_norms: list[float], lr: float, n_micro: int,
+                     n_updates: int, times: dict) -> dict:
         """The step's metrics from every rank's sums and maxima (two all-reduces, the same on every rank)."""
         t, d = self.cfg.train, self.d
         tot = dict(zip(metrics.SUM_KEYS, d.all_sum([sums[k] for k in metrics.SUM_KEYS])))
         tot.update(zip(metrics.MAX_KEYS, d.all_max([sums[k] for k in metrics.MAX_KEYS])))
-        out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, lift_metric=t.lift_metric,
+        out = metrics.summarize(tot, responses=s.b_global, tokens=s.n_global, updates=n_updates,
+                                epochs=t.epochs, lift_metric=t.lift_metric,
                                 corrected=self.cfg.loss.is_correction != "none", reference=self.reference is not None)
         if s.annotating:
             self.all_failed_streak = self.all_failed_streak + 1 if out["annotator_failures"] == s.b_global else 0
@@ -376,7 +445,9 @@ class Trainer:
                             self.metrics_path)
         return {"step": step, "algorithm": t.algorithm, "lambda": s.lam, **out,
                 "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
-                "grad_norm": grad_norm, "lr": lr, "micro_batches": n_micro, **times}
+                # the mean over the step's optimizer updates (each clipped at train.grad_clip)
+                "grad_norm": sum(grad_norms) / len(grad_norms), "grad_norm_max": max(grad_norms),
+                "lr": lr, "optimizer_updates": n_updates, "micro_batches": n_micro, **times}
 
 
 def make_annotator(cfg: Config, task, engine, tok):
