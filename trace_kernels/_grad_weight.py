@@ -93,10 +93,11 @@ class GradWeight:
         self.done += 1
         head = self.head
         if self.triton and (self.mode == "bf24" or inv_scale is not None):
-            from .gemm_triton import grad_weight
+            from . import gemm_triton
 
-            grad_weight(self.buf, self.lo, dz_CV, h_CH, inv_scale, first=first, last=last)
-            return
+            if gemm_triton.usable(h_CH) and dz_CV.stride(0) % 16 == 0:
+                gemm_triton.grad_weight(self.buf, self.lo, dz_CV, h_CH, inv_scale, first=first, last=last)
+                return
         if self.mode == "bf24":
             step = max(1, GRAD_WEIGHT_TEMP_BYTES // (4 * h_CH.shape[1]))
             for v0 in range(0, head.vocab, step):

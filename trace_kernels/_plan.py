@@ -48,7 +48,7 @@ CARDS = {
                      "bf16 torch.matmul 8192^3 on an 'NVIDIA H100 80GB HBM3' (SXM5), torch 2.7.0+cu128: 797.51 "
                      "TFLOP/s, github.com/zzc0721/torch-performance-test-data issue 79 (2025-10-18); "
                      "3.35 TB/s datasheet"),
-    "H200": Card("H200 SXM", 790.0, 4.8,
+    "H200": Card("H200", 790.0, 4.8,
                  "bf16 torch matmul 8192^3 on this project's lent H200, 769-798 TFLOP/s on random data "
                  "(2026-10-28, 2026-11-04); 4.8 TB/s datasheet"),
 }

@@ -70,6 +70,13 @@ def _grad_weight_kernel(dz_ptr, stride_dz, h_ptr, stride_h, acc_ptr, lo_ptr, str
         tl.store(acc_ptr + w_offs, acc, mask=mask)
 
 
+def usable(h_CH: torch.Tensor) -> bool:
+    """Whether the kernel takes this chunk's operands: H and every row stride a multiple of 16 elements, so that
+    every tile row is 16-byte aligned (the specializations benchmarks/compile_check.py compiles without spills;
+    the chunk loop's buffers are aligned; other shapes take the torch form)."""
+    return h_CH.shape[1] % 16 == 0 and h_CH.stride(0) % 16 == 0 and h_CH.data_ptr() % 16 == 0
+
+
 def grad_weight(acc_VH: torch.Tensor, lo_VH: torch.Tensor | None, dz_CV: torch.Tensor, h_CH: torch.Tensor,
                 inv_scale: torch.Tensor | None, *, first: bool, last: bool) -> None:
     """acc_VH (bf16 with lo_VH, the 24-bit pair; or fp32) += inv_scale * dz_CV.T @ h_CH, dz_CV and h_CH 16-bit
@@ -78,7 +85,8 @@ def grad_weight(acc_VH: torch.Tensor, lo_VH: torch.Tensor | None, dz_CV: torch.T
     h = h_CH.shape[1]
     if c == 0:
         return
-    assert dz_CV.stride(1) == 1 and h_CH.stride(1) == 1 and acc_VH.is_contiguous()
+    assert dz_CV.stride(1) == 1 and h_CH.stride(1) == 1 and acc_VH.is_contiguous() and usable(h_CH)
+    assert dz_CV.stride(0) % 16 == 0 and dz_CV.data_ptr() % 16 == 0 and acc_VH.data_ptr() % 16 == 0
     bf24 = acc_VH.dtype == torch.bfloat16
     lo = lo_VH if lo_VH is not None else acc_VH  # unread when FIRST and LAST (a one-chunk call)
     grid = (triton.cdiv(v, BLOCK_V) * triton.cdiv(h, BLOCK_H),)
