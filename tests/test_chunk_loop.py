@@ -93,3 +93,16 @@ def test_entropy_at_qwen3_vocab_in_fp32(impl):
     out, _, _ = run(impl, *problem, grad=False)
     ref, _, _ = reference64(*problem)
     assert rel_err(out.entropy, ref.entropy) < 1e-6
+
+
+def test_logprobs_entropy_backward_keeps_the_forwards_autocast_dtype():
+    """logprobs_entropy's backward is a trace_loss call made outside autocast: it re-enters the forward's."""
+    hidden, weight, targets, _, _ = make_problem(n=20, h=8, v=31, options=(), dtype=torch.float32, seed=6, scale=3.0)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = tk.logprobs_entropy(h, w, targets, impl="torch")
+    gh, gw = torch.autograd.grad((logp * 0.3).sum() + (ent * 0.1).sum(), [h, w])
+    hb, wb = (_rounded(t, torch.bfloat16).double().requires_grad_(True) for t in (hidden, weight))
+    logp64, ent64 = tk.logprobs_entropy(hb, wb, targets, impl="reference")
+    rgh, rgw = torch.autograd.grad((logp64 * 0.3).sum() + (ent64 * 0.1).sum(), [hb, wb])
+    assert rel_err(logp, logp64) < 2e-5 and rel_err(gh, rgh) < 2e-5 and rel_err(gw, rgw) < 2e-5

@@ -91,6 +91,7 @@ class _Timer:
 
     def __init__(self):
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.counts: dict[str, int] = {}
 
     @contextlib.contextmanager
     def piece(self, name: str):
@@ -99,6 +100,7 @@ class _Timer:
         yield
         end.record()
         self.events.append((name, start, end))
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def totals_ms(self) -> dict[str, float]:
         torch.cuda.synchronize()

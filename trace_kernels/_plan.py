@@ -9,7 +9,7 @@ are cut into equal chunks (no short last chunk paying a full pass over the weigh
 the device memory free at the call and, when the user sets one, by the chunk budget.
 
 On the CPU the default is a byte budget, DEFAULT_CPU_BUDGET_MB: the measured sweep of
-benchmarks/results/chunk-sweep-cpu-2026-11-28 found no gain beyond it (see docs/benchmarks.md).
+benchmarks/results/chunk-sweep-cpu-2026-12-01 found no gain beyond it (see docs/benchmarks.md).
 
 A user budget (TRACE_KERNELS_CHUNK_MB, `chunk_budget`) caps the bytes of one chunk's [rows, V] buffers on
 any device; `chunk_rows` (TRACE_KERNELS_CHUNK_ROWS) sets C instead of the card's plan (a tuning knob; the
