@@ -82,17 +82,17 @@ def test_fp32_option_matches_the_fp32_accumulator_cast_once():
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU interpreter")
-@pytest.mark.parametrize("strided", [False, True])
-def test_triton_grad_weight_kernel(strided):
+@pytest.mark.parametrize("over_fp32", [False, True])
+def test_triton_grad_weight_kernel(over_fp32):
     """The CUDA d weight GEMM under the interpreter (fp16 operands: the interpreter's bf16 dot is wrong): the
     24-bit pair after each chunk equals the torch form's to its 16-bit resolution; the last chunk's bf16 is the
     pair's sum cast (truncated by the interpreter, rounded on CUDA); fp32 mode with a scale adds scale * P.
-    strided: dz written over fp32 logits with a padded stride, as the chunk loop hands it over."""
+    dz has a padded row stride, as the chunk loop hands it over; over_fp32: written over fp32 logits."""
     from trace_kernels._gemm import narrow_view
     from trace_kernels.gemm_triton import grad_weight
 
     g = torch.Generator().manual_seed(4)
-    c, v, h = 70, 130, 72
+    c, v, h = 70, 130, 80  # H a multiple of 16, as the kernel requires (gemm_triton.usable); C and V ragged
     hi, lo = torch.empty(v, h, dtype=torch.bfloat16), torch.empty(v, h, dtype=torch.uint8)
     hi2, lo2 = torch.empty_like(hi), torch.empty_like(lo)
     acc, total = torch.zeros(v, h), torch.zeros(v, h, dtype=torch.float64)
@@ -103,8 +103,8 @@ def test_triton_grad_weight_kernel(strided):
 
     for i in range(3):
         dz = torch.randn(c, v, generator=g).half()
-        if strided:
-            dz = narrow_view(torch.empty(c, 192)[:, :v], torch.float16).copy_(dz)
+        buf = torch.empty(c, 192)[:, :v] if over_fp32 else torch.empty(c, 144, dtype=torch.float16)[:, :v]
+        dz = (narrow_view(buf, torch.float16) if over_fp32 else buf).copy_(dz)
         x = torch.randn(c, h, generator=g).half()
         p = dz.float().T @ x.float()
         total += p.double()
