@@ -8,8 +8,9 @@ ROW_MULTIPLE x ridge (953 rows on an H100 SXM, 659 on an H200, at the measured r
 are cut into equal chunks (no short last chunk paying a full pass over the weight), and C is capped by half
 the device memory free at the call and, when the user sets one, by the chunk budget.
 
-On the CPU the default is a byte budget, DEFAULT_CPU_BUDGET_MB: the measured sweep of
-benchmarks/results/chunk-sweep-cpu-2026-12-01 found no gain beyond it (see docs/benchmarks.md).
+On the CPU the default is a byte budget, DEFAULT_CPU_BUDGET_MB: the smallest budget within 5% of the fastest
+setting in the measured sweep of benchmarks/results/chunk-sweep-cpu-2026-12-01, on both of its shapes; row
+counts were no faster there (docs/benchmarks.md).
 
 A user budget (TRACE_KERNELS_CHUNK_MB, `chunk_budget`) caps the bytes of one chunk's [rows, V] buffers on
 any device; `chunk_rows` (TRACE_KERNELS_CHUNK_ROWS) sets C instead of the card's plan (a tuning knob; the
@@ -55,7 +56,7 @@ CARDS = {
 ROW_MULTIPLE = 4.0  # C >= ROW_MULTIPLE x ridge
 UNKNOWN_CUDA_ROWS = 1024  # a CUDA card not in CARDS
 FREE_MEMORY_FRACTION = 0.5  # of the device memory free at the call (driver free + torch's cached blocks)
-DEFAULT_CPU_BUDGET_MB = 256.0
+DEFAULT_CPU_BUDGET_MB = 512.0
 
 
 def card_for(device_name: str) -> Card | None:

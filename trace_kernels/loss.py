@@ -132,7 +132,7 @@ def trace_loss(
             teacher_hidden, kl_index missing with M != N, an unknown impl, or impl="triton" where it cannot
             run (no triton, not CUDA without TRITON_INTERPRET=1, fp64).
 
-    Memory: [rows, V] buffers of one chunk (rows planned per card on CUDA, 256 MB on the CPU, capped by
+    Memory: [rows, V] buffers of one chunk (rows planned per card on CUDA, 512 MB on the CPU, capped by
     TRACE_KERNELS_CHUNK_MB / `chunk_budget` when set), plus, when weight requires grad, the d weight
     accumulator during the forward (for bf16 weights an 8-bit [V, H] plane beside the bf16 gradient; fp32 with
     `grad_weight_accumulator("fp32")` and for fp16): one weight-sized buffer is held until backward
