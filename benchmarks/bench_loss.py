@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--csv", default=None, help="append each measured row to this CSV (no --out folder)")
     ap.add_argument("--check-n", type=int, default=256, help="rows of the fp64 agreement check's problem")
+    ap.add_argument("--in-process", action="store_true",
+                    help="CPU: measure in this process (no fresh process per row: quicker, memory not isolated)")
     ap.add_argument("--chunk-rows", type=int, default=None, help="trace_kernels.chunk_rows for the trace rows")
     ap.add_argument("--chunk-mb", type=float, default=None, help="trace_kernels.chunk_budget for the trace rows")
     ap.add_argument("--grad-weight", default=None, choices=["bf24", "fp32"], help="trace_kernels' d weight sum")
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
                 for v in vs:
                     m = int(n * args.kl_frac) if case == "trace" else 0
                     print(f"{case} {name} N={n} V={v} ...", flush=True)
-                    if args.device == "cpu":
+                    if args.device == "cpu" and not args.in_process:
                         res = run_fresh(args, name, case, n, v, m)
                     else:
                         try:

@@ -36,7 +36,7 @@ START=$SECONDS
 if [ "$DRY" = 1 ]; then
   # The interpreter is slow and a shared CPU slower: the dry run checks the commands, not the time limits.
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-  DEVICE=cpu DTYPE=fp32 S1="--n 16 --h 16 --v 128" SMALL="--n 16 --h 16 --v 128" REPEATS="1 --check-n 16"
+  DEVICE=cpu DTYPE=fp32 S1="--n 16 --h 16 --v 128" SMALL="--n 16 --h 16 --v 128" REPEATS="1 --check-n 16 --in-process"
   TUNE="--dry-run" TOY="train.prompts_per_step=2 train.rollouts_per_prompt=2 train.max_new_tokens=4"
   BUDGET=3600 SCALE=10
 else

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--m", type=int, default=None, help="distilled rows (default N/4)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, no warm-up")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                            "grad_weight": grad_weight, "plan": plan, "status": "ok"}
                     try:
                         row.update(_measure(hidden, weight, targets, advantages, kw, plan, grad_weight, timer,
-                                            args.repeats, device))
+                                            args.repeats, device, warm_up=not args.dry_run))
                     except torch.OutOfMemoryError:
                         row["status"] = "out of memory"
                     except Exception as e:  # reported in the row, the sweep goes on
@@ -140,13 +140,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _measure(hidden, weight, targets, advantages, kw, plan, grad_weight, timer, repeats, device) -> dict:
+def _measure(hidden, weight, targets, advantages, kw, plan, grad_weight, timer, repeats, device,
+             warm_up=True) -> dict:
     def once():
         hidden.grad = weight.grad = None
         tk.trace_loss(hidden, weight, targets, advantages, impl="triton", **kw).loss.backward()
 
     with _knobs(plan, grad_weight):
-        once()  # warm-up: compilation, allocator
+        if warm_up:
+            once()  # compilation, allocator
         hidden.grad = weight.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
