@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-jobs test-other-cpu wheel-check test-vllm test-verl demo study bench bench-memory lint clean
+.PHONY: test pytest test-jobs test-other-cpu wheel-check gpu-dry-run test-heavy test-triton36 test-vllm test-verl \
+	demo study bench bench-memory lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,16 +15,42 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,bench,train,trl,report]"
 	touch $(STAMP)
 
-test: pytest test-other-cpu wheel-check
+test: pytest test-other-cpu wheel-check gpu-dry-run
 
 pytest: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not job" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not job and not heavy" tests
 
 # The heavier checks CI runs after `make test`, each kept out of it to hold it under 15 minutes: the crash tests
 # (SIGKILL at chosen points, then resume), every config key for one step, the trainer as 2 torchrun nodes on
 # loopback, run logging and evaluation during training (~15 min on 2 cores).
 test-jobs: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m job tests
+
+# benchmarks/gpu_check.sh's steps on the CPU at tiny shapes, so that the first GPU run cannot fail on a typo.
+gpu-dry-run: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_check.sh --dry-run $$(mktemp -d)
+
+# CI jobs of their own (.ci/run, after make test). test-heavy: the tests that take the Triton interpreter minutes
+# (CUDA's roundings at N 16,384 on the Triton path). test-triton36: the interpreter suite and the sm_90a compile
+# check under triton 3.6, the GPU image's version, in a second venv (a kernel only triton 3.9 accepts fails here).
+KERNEL_TESTS := tests/test_contract.py tests/test_precision.py tests/test_triton_regressions.py \
+	tests/test_row_backends.py tests/test_memory_bound.py tests/test_kl_clip.py tests/test_logprobs_entropy.py \
+	tests/test_plan.py tests/test_chunk_loop.py tests/test_grad_weight.py tests/test_cuda_rounding.py \
+	tests/test_compile_check.py tests/test_traffic.py
+test-heavy: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 -m heavy tests
+
+T36 := .venv-triton36
+$(T36)/.installed: pyproject.toml
+	python3 -m venv $(T36)
+	$(T36)/bin/python -m pip install -q $(TORCH) triton==3.6.0 "numpy<2.4" pytest hypothesis  # 3.6's interpreter
+	# converts 1-element arrays to ints, which numpy 2.4 refuses (the compiled kernels on a GPU are not affected)
+	$(T36)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-triton36: $(T36)/.installed
+	$(T36)/bin/python -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	TRITON_INTERPRET=1 $(T36)/bin/python -m pytest -q --durations=5 -m "not heavy" $(KERNEL_TESTS)
 
 # Machines of this kind differ in the CPU kernels torch picks (AVX-512, AVX2), and so in rounding: the tests of
 # training outcomes run again under another kernel set than this machine's own (AVX2 on an AVX-512 CPU, the
@@ -89,4 +116,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(VERL_VENV) *.egg-info build dist
+	rm -rf $(VENV) $(T36) $(VLLM_VENV) $(VERL_VENV) *.egg-info build dist

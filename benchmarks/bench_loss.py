@@ -5,7 +5,9 @@ torch's linear_cross_entropy, on the same inputs, forward+backward.
     python -m benchmarks.bench_loss --device cuda --dtype bf16 --n 16384 --h 4096 --v 151936
 
 Before timing, every implementation is checked against the fp64 reference on a small problem of the
-same case (loss and both gradients); a disagreement is reported in the table, never hidden. Timings are
+same case (loss and both gradients); a disagreement is reported in the table, never hidden. The chunk plan of
+trace_kernels can be set (--chunk-rows, --chunk-mb, --grad-weight); --csv FILE appends each row to FILE as soon
+as it is measured (benchmarks/gpu_check.sh: a timeout loses nothing measured). Timings are
 medians over --repeats after a warm-up (compilation excluded), with the min-max spread. Peak extra
 memory: on CUDA the allocator's peak above the inputs; on the CPU the resident-set high-water mark of a
 fresh process per measurement, above the inputs, warm-up (and compilation) included. Ratios are against
@@ -39,13 +41,13 @@ from .traffic import predict
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_agreement(name: str, case: str, device: str, dtype: torch.dtype, v: int) -> float:
+def check_agreement(name: str, case: str, device: str, dtype: torch.dtype, v: int, n: int = 256) -> float:
     """Normwise relative error of the loss and both gradients against the fp64 reference on a small
     problem (N 256, H 64, the run's V capped at 8192); gradients only for "logprob" (values differ)."""
     import trace_kernels as tk
 
     small_v = min(v, 8192)
-    p = make_problem(case, 256, 64, small_v, 64, dtype=dtype, device=device, seed=1)
+    p = make_problem(case, n, 64, small_v, n // 4, dtype=dtype, device=device, seed=1)
     step = IMPLS[name].build(p)
     loss = step()
     gh, gw = torch.autograd.grad(loss, [p.hidden, p.weight])
@@ -82,6 +84,22 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * 8192**3 / statistics.median(times[3:]) / 1e12
 
 
+def knobs(args):
+    """The trace_kernels chunk-plan settings of this run (a context)."""
+    import contextlib
+
+    import trace_kernels as tk
+
+    stack = contextlib.ExitStack()
+    if getattr(args, "chunk_rows", None):
+        stack.enter_context(tk.chunk_rows(args.chunk_rows))
+    if getattr(args, "chunk_mb", None):
+        stack.enter_context(tk.chunk_budget(args.chunk_mb))
+    if getattr(args, "grad_weight", None):
+        stack.enter_context(tk.grad_weight_accumulator(args.grad_weight))
+    return stack
+
+
 def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, dtype: torch.dtype,
             repeats: int) -> dict:
     """Median time and peak extra memory of forward+backward, in this process."""
@@ -103,6 +121,8 @@ def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, d
         base = reset_peak()
     once()  # warm-up: compilation, autotuning, allocator
     if device == "cuda":
+        p.hidden.grad = p.weight.grad = None  # the base is the inputs alone, not the warm-up's gradients
+        gc.collect()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -120,7 +140,8 @@ def run_fresh(args, name: str, case: str, n: int, v: int, m: int) -> dict:
     """One CPU measurement in a fresh process, so that its peak resident set is its own."""
     cmd = [sys.executable, "-m", f"{__package__}.bench_loss", "--worker", json.dumps(
         {"name": name, "case": case, "n": n, "h": args.h, "v": v, "m": m, "dtype": args.dtype,
-         "repeats": args.repeats})]
+         "repeats": args.repeats, "chunk_rows": args.chunk_rows, "chunk_mb": args.chunk_mb,
+         "grad_weight": args.grad_weight})]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -141,14 +162,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes, a few minutes")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--csv", default=None, help="append each measured row to this CSV (no --out folder)")
+    ap.add_argument("--check-n", type=int, default=256, help="rows of the fp64 agreement check's problem")
+    ap.add_argument("--in-process", action="store_true",
+                    help="CPU: measure in this process (no fresh process per row: quicker, memory not isolated)")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="trace_kernels.chunk_rows for the trace rows")
+    ap.add_argument("--chunk-mb", type=float, default=None, help="trace_kernels.chunk_budget for the trace rows")
+    ap.add_argument("--grad-weight", default=None, choices=["bf24", "fp32"], help="trace_kernels' d weight sum")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
         w = json.loads(args.worker)
         torch.set_num_threads(os.cpu_count() or 1)
-        print(json.dumps(measure(w["name"], w["case"], w["n"], w["h"], w["v"], w["m"], "cpu", DTYPES[w["dtype"]],
-                                 w["repeats"])))
+        with knobs(argparse.Namespace(**w)):
+            print(json.dumps(measure(w["name"], w["case"], w["n"], w["h"], w["v"], w["m"], "cpu", DTYPES[w["dtype"]],
+                                     w["repeats"])))
         return 0
     if args.quick:
         args.device, args.n, args.h, args.v, args.repeats = "cpu", "1024,2048,4096", 128, "8192", 3
@@ -161,8 +190,10 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     ns, vs = [int(x) for x in args.n.split(",")], [int(x) for x in args.v.split(",")]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
-    out = args.out or os.path.join("benchmarks", "out", f"bench_loss-{args.device}-{stamp}")
-    os.makedirs(out, exist_ok=True)
+    out = None
+    if not args.csv:
+        out = args.out or os.path.join("benchmarks", "out", f"bench_loss-{args.device}-{stamp}")
+        os.makedirs(out, exist_ok=True)
     card = (torch.cuda.get_device_name() if args.device == "cuda"
             else f"{platform.machine()} CPU, {os.cpu_count()} cores")
     rate = matmul_tflops(args.device)
@@ -176,7 +207,7 @@ def main(argv=None) -> int:
                 rows.append({"case": case, "impl": name, "status": f"skipped: {why}"})
                 continue
             try:
-                agreement = check_agreement(name, case, args.device, dtype, max(vs))
+                agreement = check_agreement(name, case, args.device, dtype, max(vs), args.check_n)
             except Exception as e:  # reported, never hidden
                 rows.append({"case": case, "impl": name, "status": f"error in check: {type(e).__name__}: {e}"[:200]})
                 continue
@@ -185,11 +216,12 @@ def main(argv=None) -> int:
                 for v in vs:
                     m = int(n * args.kl_frac) if case == "trace" else 0
                     print(f"{case} {name} N={n} V={v} ...", flush=True)
-                    if args.device == "cpu":
+                    if args.device == "cpu" and not args.in_process:
                         res = run_fresh(args, name, case, n, v, m)
                     else:
                         try:
-                            res = measure(name, case, n, args.h, v, m, args.device, dtype, args.repeats)
+                            with knobs(args):
+                                res = measure(name, case, n, args.h, v, m, args.device, dtype, args.repeats)
                         except torch.OutOfMemoryError:
                             res = {"error": "out of memory"}
                         torch.cuda.empty_cache()
@@ -204,11 +236,15 @@ def main(argv=None) -> int:
                         if args.device == "cuda":
                             row["tflops"] = floor_flops / res["median_s"] / 1e12
                             row["floor_s"] = floor_flops / (rate * 1e12)
-                            model = predict(case, n, args.h, v, m, args.dtype, card)  # benchmarks/traffic.py
-                            if model:
+                            model = predict(case, n, args.h, v, m, args.dtype, card, budget_mb=args.chunk_mb,
+                                            rows=args.chunk_rows, grad_weight=args.grad_weight or "bf24")
+                            if model:  # benchmarks/traffic.py
                                 row["model_s"] = model["predicted_s"]
                                 row["model_memory_bound_mb"] = model["memory_bound_mb"]
                     rows.append(row)
+                    if args.csv:
+                        append_csv(args.csv, dict(row, card=card, stamp=stamp, chunk_rows=args.chunk_rows,
+                                                  chunk_mb=args.chunk_mb, grad_weight=args.grad_weight))
 
     for r in rows:
         base = next((b for b in rows if b["impl"] == "naive" and b["case"] == r["case"] and b.get("n") == r.get("n")
@@ -220,12 +256,30 @@ def main(argv=None) -> int:
     return 0
 
 
+CSV_COLUMNS = ["stamp", "card", "case", "impl", "n", "h", "v", "m", "dtype", "chunk_rows", "chunk_mb", "grad_weight",
+               "median_s", "min_s", "max_s", "peak_extra_mb", "tflops", "floor_s", "model_s", "model_memory_bound_mb",
+               "agreement_err", "status"]
+
+
+def append_csv(path: str, row: dict) -> None:
+    """Append one row (flushed to disk) to a CSV shared by several runs; the header once."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_outputs(rows, out, card, rate, stamp, args):
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("case", "impl", "n", "v"), k))
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    if out:
+        with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
     head = (f"bench_loss, {stamp}, {card}, torch {torch.__version__}, {args.dtype}, H={args.h}, "
             f"M/N={args.kl_frac} (trace case), forward+backward, median of {args.repeats}")
     if rate:
@@ -250,12 +304,13 @@ def write_outputs(rows, out, card, rate, stamp, args):
             f"{r['max_s']:.3f}) | {r['peak_extra_mb']:.0f} | {r.get('time_vs_naive', float('nan')):.3f} | "
             f"{r.get('memory_vs_naive', float('nan')):.3f} | {tf} | {r['agreement_err']:.1e} | {r['status']} |")
     table = "\n".join(lines)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    if not args.no_plots:
-        plot(rows, out)
+    if out:
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(table + "\n")
+        if not args.no_plots:
+            plot(rows, out)
     print(table)
-    print(f"\nwritten to {out}/")
+    print(f"\nwritten to {out or args.csv}")
 
 
 def plot(rows, out):

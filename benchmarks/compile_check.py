@@ -1,9 +1,10 @@
-"""Compile every Triton kernel of trace_kernels/rows_triton.py for NVIDIA GPUs, without a GPU.
+"""Compile every Triton kernel of trace_kernels (rows_triton.py, gemm_triton.py) for NVIDIA GPUs, without a GPU.
 
     python -m benchmarks.compile_check [--arch sm_90a,sm_80] [--out DIR] [--subset] [--jobs J]
 
-Each kernel is compiled in every specialization its launcher (rows_triton.chunk_rows) can produce: the
-constexpr flags it can pass, the dz dtypes, and the (BLOCK_V, num_warps) pairs that
+Each kernel is compiled in every specialization its launcher (rows_triton.chunk_rows, gemm_triton.grad_weight)
+can produce: the constexpr flags it can pass, the dz dtypes (with the fp16 scale), and for the row kernels the
+(BLOCK_V, num_warps) pairs that
 rows_triton.block_and_warps gives for vocabularies from 1 to 262,144 (151,936 included), each twice:
 with every pointer and integer argument known to be a multiple of 16 (Triton's launch-time
 specialization for 16-byte aligned tensors and a vocabulary such as 151,936) and with none known so (a
@@ -13,7 +14,8 @@ vocabulary such as 50,257, a tensor sliced at an odd row: more registers, no vec
 metadata gives the shared memory (Triton's own allocation, without the 1 KB per block the driver
 reserves on sm_90). Output: compile_check.csv and compile_check.md in --out; the exit status is 1 on a
 compile error or a spill. --subset compiles BLOCK_V 4096 / 8 warps only (the launch of every vocabulary
-of 4,096 and more), unaligned (the register-heavier case): what tests/test_compile_check.py runs.
+of 4,096 and more) and the d weight GEMM, unaligned (the register-heavier case): what tests/test_compile_check.py
+runs.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
 """
@@ -37,12 +39,18 @@ from concurrent.futures import ProcessPoolExecutor
 # the launcher can choose; Qwen3's 151,936 and 262,144 are the large ones that matter.
 VOCABS = [2**i for i in range(19)] + [151_936]
 SUBSET_BLOCKS = {4096}  # the block of every vocabulary of 4,096 and more
-DZ_DTYPES = ("fp32", "bf16", "fp16")  # the GEMM input dtypes dz can be written in
+# (dz dtype, HAS_SCALE) the student-gradient kernel is launched with: fp32 (CPU, or fp32 weights; scaled in
+# the CPU's emulation of CUDA's fp16 rounding), bf16, fp16 (always scaled)
+DZ_VARIANTS = (("fp32", False), ("fp32", True), ("bf16", False), ("fp16", True))
+# d weight GEMM: (MODE, FIRST, LAST, HAS_SCALE, dz dtype, accumulator dtype): the 24-bit pair of a bf16 weight
+# (first / middle / last / the only chunk), and the fp32 accumulator of an fp16 chunk (scaled)
+GEMM_VARIANTS = [(1, first, last, False, "bf16", "bf16") for first in (True, False) for last in (True, False)] + [
+    (0, first, True, True, "fp16", "fp32") for first in (True, False)]
 
 # Argument types as the launcher passes them (ints as i32: strides and V are below 2^31).
 _TYPES = {
-    "stride_z": "i32", "stride_u": "i32", "stride_dz": "i32", "V": "i32",
-    "targets_ptr": "*i64", "local_ptr": "*i64", "kl_start_ptr": "*i64",
+    "stride_z": "i32", "stride_u": "i32", "stride_dz": "i32", "stride_h": "i32", "stride_w": "i32", "V": "i32",
+    "C": "i32", "H": "i32", "targets_ptr": "*i64", "local_ptr": "*i64", "kl_start_ptr": "*i64", "lo_ptr": "*u8",
     "inv_t": "fp32", "clip": "fp32",
 }
 
@@ -56,19 +64,29 @@ def kl_flag_sets():
 
 
 def specializations(subset: bool = False):
-    """(kernel name, constexpr flags, dz dtype or "", BLOCK_V, num_warps, aligned) for every launch the
-    launcher can make."""
+    """(kernel name, constexpr flags, argument types (those not in _TYPES), BLOCK_V, num_warps, aligned) for
+    every launch the launchers can make; BLOCK_V is 0 for the GEMM (its blocks are fixed)."""
+    from trace_kernels import gemm_triton
     from trace_kernels.rows_triton import block_and_warps
 
     blocks = sorted({block_and_warps(v) for v in VOCABS})
     if subset:
         blocks = [b for b in blocks if b[0] in SUBSET_BLOCKS]
-    for (block, warps), aligned in itertools.product(blocks, (False,) if subset else (True, False)):
-        yield "_student_stats_kernel", {}, "", block, warps, aligned
+    alignments = (False,) if subset else (True, False)
+    for (block, warps), aligned in itertools.product(blocks, alignments):
+        yield "_student_stats_kernel", {}, {}, block, warps, aligned
         for flags in kl_flag_sets():
-            yield "_kl_rows_kernel", flags, "", block, warps, aligned
-        for ew, kl, dz in itertools.product((False, True), (False, True), DZ_DTYPES):
-            yield "_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl}, dz, block, warps, aligned
+            yield "_kl_rows_kernel", flags, {}, block, warps, aligned
+        for ew, kl, (dz, scale) in itertools.product((False, True), (False, True), DZ_VARIANTS):
+            yield ("_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl, "HAS_SCALE": scale}, {"dz_ptr": f"*{dz}"},
+                   block, warps, aligned)
+    # The d weight GEMM is launched only on 16-byte aligned tensors with H and the strides multiples of 16
+    # (gemm_triton.usable); C and V are arbitrary.
+    for mode, first, last, scale, dz, acc in GEMM_VARIANTS:
+        yield ("_grad_weight_kernel", {"MODE": mode, "FIRST": first, "LAST": last, "HAS_SCALE": scale,
+                                       "BLOCK_V": gemm_triton.BLOCK_V, "BLOCK_H": gemm_triton.BLOCK_H,
+                                       "BLOCK_C": gemm_triton.BLOCK_C},
+               {"dz_ptr": f"*{dz}", "h_ptr": f"*{dz}", "acc_ptr": f"*{acc}"}, 0, gemm_triton.NUM_WARPS, True)
 
 
 def _parse_arch(arch: str) -> int:
@@ -78,35 +96,39 @@ def _parse_arch(arch: str) -> int:
     return int(m.group(1))
 
 
-def compile_one(kernel: str, flags: dict, dz: str, block: int, warps: int, aligned: bool, arch: str) -> dict:
+def compile_one(kernel: str, flags: dict, types: dict, block: int, warps: int, aligned: bool, arch: str) -> dict:
     """Compile one specialization; returns a table row (errors are reported in the row, not raised)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from trace_kernels import rows_triton
+    from trace_kernels import gemm_triton, rows_triton
 
-    fn = getattr(rows_triton, kernel)
-    constexprs = dict(flags, BLOCK_V=block)
+    gemm = kernel == "_grad_weight_kernel"
+    fn = getattr(gemm_triton if gemm else rows_triton, kernel)
+    constexprs = dict(flags) if gemm else dict(flags, BLOCK_V=block)
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "dz_ptr":
-            signature[name] = f"*{dz}"
         else:
-            signature[name] = _TYPES.get(name, "*fp32")
+            signature[name] = types.get(name) or _TYPES.get(name, "*fp32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if aligned and signature[name] != "constexpr" and not signature[name].startswith("fp")}
-    row = {"kernel": kernel.strip("_"), "flags": " ".join(f"{k}={int(v)}" for k, v in flags.items()) or "-",
-           "dz_dtype": dz or "-", "block_v": block, "warps": warps, "aligned": int(aligned), "arch": arch}
+             if aligned and signature[name] != "constexpr" and not signature[name].startswith("fp")
+             and not (gemm and name in ("C", "V"))}
+    shown = {k: v for k, v in flags.items() if not k.startswith("BLOCK_")}
+    row = {"kernel": kernel.strip("_"), "flags": " ".join(f"{k}={int(v)}" for k, v in shown.items()) or "-",
+           "dz_dtype": types.get("dz_ptr", "-").lstrip("*"), "block_v": block or "-", "warps": warps,
+           "aligned": int(aligned), "arch": arch}
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", _parse_arch(arch), 32), options={"num_warps": warps})
+                                      target=GPUTarget("cuda", _parse_arch(arch), 32),
+                                      options={"num_warps": warps, "num_stages": gemm_triton.NUM_STAGES} if gemm
+                                      else {"num_warps": warps})
     except Exception as e:  # reported in the table
         row.update(status=f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}")
         return row

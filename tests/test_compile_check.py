@@ -1,6 +1,7 @@
-"""The Triton kernels compile for Hopper (sm_90a) without a GPU, in every specialization the launcher
-makes for vocabularies of 4,096 and more, with no register spills (benchmarks/compile_check.py; the full
-table over every block size and sm_80 is committed under benchmarks/results/)."""
+"""The Triton kernels compile for Hopper (sm_90a) without a GPU, in every specialization the launchers
+make for vocabularies of 4,096 and more and the d weight GEMM, with no register spills
+(benchmarks/compile_check.py; the full table over every block size and sm_80 is committed under
+benchmarks/results/)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     with open(tmp_path / "compile_check.csv") as f:
         rows = list(csv.DictReader(f))
-    # 1 student-stats + 17 KL-flag (14 + 3 with GRAD_CLIP) + 12 student-grad (flags x dz dtype)
-    # specializations at BLOCK_V 4096, unaligned
-    assert len(rows) == 30, res.stdout + res.stderr
+    # 1 student-stats + 17 KL-flag (14 + 3 with GRAD_CLIP) + 16 student-grad (flags x (dz dtype, scale))
+    # specializations at BLOCK_V 4096, unaligned, and 6 of the d weight GEMM (4 of the 24-bit pair, 2 fp32 scaled)
+    assert len(rows) == 40, res.stdout + res.stderr
     assert sum("GRAD_CLIP=1" in r["flags"] for r in rows) == 3
-    assert {r["kernel"] for r in rows} == {"student_stats_kernel", "kl_rows_kernel", "student_grad_kernel"}
+    assert sum(r["kernel"] == "grad_weight_kernel" for r in rows) == 6
+    assert {r["kernel"] for r in rows} == {"student_stats_kernel", "kl_rows_kernel", "student_grad_kernel",
+                                           "grad_weight_kernel"}
     bad = [r for r in rows if r["status"] != "ok" or int(r["spill_bytes"]) != 0]
     assert not bad, bad
     assert all(0 < int(r["registers"]) <= 255 for r in rows)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._gemm import autocast_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IMPLS = ("auto", "triton", "torch", "reference")
 KL_CLIP_MODES = ("value", "grad")
@@ -43,6 +45,9 @@ class TraceInputs:
     kl_clip_mode: str  # "value" | "grad" (docs/kl-clip.md); no effect when kl_term_clip is None
     entropy_weight_N: torch.Tensor | None  # 0 on ignored rows
     ignore_index: int
+    n_valid: int = 0  # on the host: the number of valid rows
+    # the 16-bit dtype fp32 inputs take in the LM-head GEMMs under torch.autocast (None: their own dtype)
+    autocast_dtype: torch.dtype | None = None
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -136,8 +141,9 @@ def check_inputs(
     ignore_index = int(ignore_index)
     targets = _row_vector("targets", targets, n, device, integer=True)
     valid = targets != ignore_index
-    if n and bool(((targets < 0) | (targets >= v)).logical_and(valid).any()):
-        raise ValueError(f"targets must lie in [0, {v}) or equal ignore_index ({ignore_index})")
+    # Range checks are read on the host once, together, after every other check (one synchronisation).
+    host_checks = [("targets", ((targets < 0) | (targets >= v)).logical_and_(valid).any(),
+                    f"targets must lie in [0, {v}) or equal ignore_index ({ignore_index})")]
 
     advantages = _row_vector("advantages", advantages, n, device)
     if pg_weight is not None:
@@ -183,8 +189,8 @@ def check_inputs(
             kl_index = torch.arange(n, device=device)
         else:
             kl_index = _row_vector("kl_index", kl_index, m, device, integer=True)
-            if m and bool(((kl_index < 0) | (kl_index >= n)).any()):
-                raise ValueError(f"kl_index must lie in [0, {n}) (rows of hidden)")
+            host_checks.append(("kl_index", ((kl_index < 0) | (kl_index >= n)).any(),
+                                f"kl_index must lie in [0, {n}) (rows of hidden)"))
         if fkl_weight is not None:
             fkl_weight = _row_vector("fkl_weight", fkl_weight, m, device)
         if rkl_weight is not None:
@@ -193,6 +199,10 @@ def check_inputs(
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     n_valid = valid.sum()
+    flags = torch.stack([t.to(torch.int64) for _, t, _ in host_checks] + [n_valid]).tolist()
+    for (_, _, message), bad in zip(host_checks, flags):
+        if bad:
+            raise ValueError(message)
     zero = torch.zeros((), dtype=acc, device=device)
     if pg_weight is None:
         pg_weight = valid.to(acc) / n_valid.clamp(min=1).to(acc)
@@ -210,4 +220,5 @@ def check_inputs(
         teacher_hidden_MH=teacher_hidden, teacher_weight_VH=teacher_weight, kl_index_M=kl_index,
         fkl_weight_M=fkl_weight, rkl_weight_M=rkl_weight, kl_term_clip=kl_term_clip,
         kl_clip_mode=kl_clip_mode, entropy_weight_N=entropy_weight, ignore_index=ignore_index,
+        n_valid=int(flags[-1]), autocast_dtype=autocast_dtype(hidden),
     )

@@ -11,6 +11,8 @@ both passes; the cost is one LM-head GEMM forward and three in the backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -24,6 +26,9 @@ class _LogprobsEntropy(torch.autograd.Function):
                                            ignore_index=ignore_index, impl=impl)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N)
         ctx.options = (temperature, ignore_index, impl)
+        device_type = hidden_NH.device.type
+        # The backward's GEMMs take the forward's autocast dtype (backward passes run outside autocast).
+        ctx.autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return logp_N, entropy_N
 
     @staticmethod
@@ -37,7 +42,9 @@ class _LogprobsEntropy(torch.autograd.Function):
             dlogp_N = hidden_NH.new_zeros(n, dtype=torch.float32)
         h = hidden_NH.detach().requires_grad_(need_h)
         w = weight_VH.detach().requires_grad_(need_w)
-        with torch.enable_grad():
+        autocast = (torch.autocast(h.device.type, dtype=ctx.autocast) if ctx.autocast is not None
+                    else contextlib.nullcontext())
+        with torch.enable_grad(), autocast:
             out = trace_loss(h, w, targets_N, -dlogp_N, pg_weight=torch.ones_like(dlogp_N),
                              entropy_weight=dentropy_N, temperature=temperature, ignore_index=ignore_index,
                              impl=impl)

@@ -132,10 +132,11 @@ def trace_loss(
             teacher_hidden, kl_index missing with M != N, an unknown impl, or impl="triton" where it cannot
             run (no triton, not CUDA without TRITON_INTERPRET=1, fp64).
 
-    Memory: at most the chunk budget (256 MB default; TRACE_KERNELS_CHUNK_MB or `chunk_budget`) of
-    [rows, V] buffers, plus, when weight requires grad, an fp32 [V, H] weight-gradient accumulator during
-    the forward, cast to the weight's dtype at its end: one weight-sized buffer is held until backward
-    (docs/memory.md).
+    Memory: [rows, V] buffers of one chunk (rows planned per card on CUDA, 512 MB on the CPU, capped by
+    TRACE_KERNELS_CHUNK_MB / `chunk_budget` when set), plus, when weight requires grad, the d weight
+    accumulator during the forward (for bf16 weights an 8-bit [V, H] plane beside the bf16 gradient; fp32 with
+    `grad_weight_accumulator("fp32")` and for fp16): one weight-sized buffer is held until backward
+    (docs/memory.md). Under torch.autocast, fp32 inputs enter the GEMMs in autocast's 16-bit dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

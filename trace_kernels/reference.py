@@ -43,11 +43,25 @@ class _GradClippedKL(torch.autograd.Function):
         return grad_M[:, None] * dkl_MV.clamp(-ctx.clip, ctx.clip), None, None, None
 
 
+def _gemm_operand(t: torch.Tensor, inp: TraceInputs) -> torch.Tensor:
+    """t in the accumulation dtype, rounded to autocast's dtype first when the contract says so, with the
+    gradient passed straight through (the chunked paths' gradients are fp32 products, not rounded)."""
+    t_acc = t.to(inp.acc_dtype)
+    if inp.autocast_dtype is None:
+        return t_acc
+    return t_acc + (t.to(inp.autocast_dtype).to(inp.acc_dtype) - t_acc).detach()
+
+
 def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
     """Materialized `trace_loss` in the accumulation dtype (fp64 when the inputs are fp64)."""
+    with torch.autocast(inp.hidden_NH.device.type, enabled=False):
+        return _reference(inp)
+
+
+def _reference(inp: TraceInputs) -> TraceLossOutput:
     acc = inp.acc_dtype
     valid = inp.valid_N
-    z_NV = (inp.hidden_NH.to(acc) @ inp.weight_VH.to(acc).T) / inp.temperature
+    z_NV = (_gemm_operand(inp.hidden_NH, inp) @ _gemm_operand(inp.weight_VH, inp).T) / inp.temperature
     logp_NV = torch.log_softmax(z_NV, dim=-1)
     p_NV = logp_NV.exp()
     safe_targets = torch.where(valid, inp.targets_N, 0)
@@ -73,7 +87,8 @@ def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
 
     fkl_M = rkl_M = None
     if inp.has_teacher:
-        u_MV = (inp.teacher_hidden_MH.to(acc) @ inp.teacher_weight_VH.to(acc).T) / inp.temperature
+        u_MV = (_gemm_operand(inp.teacher_hidden_MH, inp) @ _gemm_operand(inp.teacher_weight_VH, inp).T
+                ) / inp.temperature
         logq_MV = torch.log_softmax(u_MV, dim=-1)
         q_MV = logq_MV.exp()
         if inp.kl_term_clip is not None and inp.kl_clip_mode == "grad":

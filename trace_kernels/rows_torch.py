@@ -1,16 +1,17 @@
 """Row statistics and logit gradients of one chunk in plain PyTorch ops (the CPU path and the fallback).
 
-Given the chunk's student logits z [C, V] (already divided by the temperature, in the accumulation
-dtype) and the teacher logits u [K, V] of its K distilled rows, computes, with p = softmax(z), q =
-softmax(u), s = local student row of each distilled row, d = log p_s - log q:
+Given the chunk's raw student logits z [C, V] (in the accumulation dtype) and the raw teacher logits u [K, V]
+of its K distilled rows, maps both to x = z / temperature (`_map_logits_`) and computes, with p = softmax(x),
+q = softmax(x_u), s = local student row of each distilled row, d = log p_s - log q:
 
-    logp_c = log p_c[y_c]                   entropy_c = -sum_v p log p
+    logp_c = log p_c[y_c]                   entropy_c = log S - T / S  (S = sum e, T = sum e (x - max),
+                                                                        e = exp(x - max): as the Triton kernel)
     FKL_k  = sum_v q (log q - log p_s)      RKL_k = sum_v p_s d        (terms clamped with kl_term_clip
                                                                         in "value" mode)
 
-and, when asked, dloss/dz (docs/contract.md, "Gradients"):
+and, when asked, dloss/dx (docs/contract.md, "Gradients"):
 
-    dz_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
+    dx_c = g_c (onehot(y_c) - p_c) - ew_c p_c (log p_c + entropy_c)
          + sum_{k: s_k = c} fw_k (p_c - q_k) + rw_k p_c (d_k - RKL_k)      (unclipped)
 
 With a clip c in "value" mode, only the unclamped terms U count:
@@ -19,44 +20,78 @@ With a clip c in "value" mode, only the unclamped terms U count:
 In "grad" mode FKL and RKL stay unclipped and each distilled row's unclipped terms are clamped entrywise
 before its weight multiplies them: fw_k clamp(p_c - q_k, -c, c) + rw_k clamp(p_c (d_k - RKL_k), -c, c).
 
-The dz returned is this times 1/temperature (the gradient with respect to the unscaled logits h W^T),
-applied by scaling the [C] and [K] row weights rather than a [C, V] tensor. Every [rows, V] tensor is a
-Workspace buffer reused across chunks.
+The dz returned is dx times the map's derivative (1/temperature: `_chain_`), the gradient with respect to the
+raw logits h W^T, times the chunk's scale for fp16. Every [rows, V] tensor is a Workspace buffer reused across
+chunks; a 16-bit dz is written over z (the first half of each of its fp32 rows).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._chunk import ChunkInputs, ChunkOutputs, PgCallback
-from ._gemm import Workspace
+from ._chunk import ChunkInputs, ChunkOutputs, PgCallback, dz_scale, piece
+from ._gemm import Workspace, narrow_view
 
-# [V] buffers per student row and per distilled row (fp32 ones, and bool masks counted as a quarter);
-# the chunk planner sizes chunks with these so that a chunk stays under the memory budget.
+# [V] accumulation-dtype buffers per student row (z, p; a 16-bit dz is written over z) and per distilled row
+# (u, q, ps, d, dzk and two bool masks, rounded up); the chunk planner sizes chunks with these.
 STUDENT_ROW_BUFFERS = 2
 TEACHER_ROW_BUFFERS = 8
 
 
+_ROWDOT_TEMP_ELEMENTS = 2**20
+
+
 def _rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
-    """sum_v a * b per row without a [C, V] temporary."""
-    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+    """sum_v a * b per row without a [C, V] temporary. On the CPU by column blocks (a temporary of at most 2^20
+    elements) each summed pairwise: the CPU's torch.bmm sums such long dot products one term after another (2e-4
+    relative error at V 151,936 in fp32, which moved the entropy by 1e-3). On CUDA by torch.bmm (cuBLAS sums in
+    tiles; blocks would cost hundreds of launches per chunk)."""
+    if a_CV.is_cuda:
+        return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+    c, v = a_CV.shape
+    step = max(1024, _ROWDOT_TEMP_ELEMENTS // max(c, 1))
+    out = None
+    for v0 in range(0, v, step):
+        part = (a_CV[:, v0:v0 + step] * b_CV[:, v0:v0 + step]).sum(1)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else a_CV.new_zeros(c)
 
 
-def _softmax_stats(z_CV: torch.Tensor, p_CV: torch.Tensor) -> None:
-    """Write softmax(z) into p_CV and log-softmax over z_CV in place, without another [C, V] buffer.
+def _map_logits_(z_CV: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """Raw logits -> the mapped logits x the loss is defined on, in place (see _chunk.py)."""
+    return z_CV if inv_t == 1.0 else z_CV.mul_(inv_t)
 
-    log p = (z - max) - log s, never z - lse: at logits of 1e4 an fp32 lse is off by ulp(1e4) = 1e-3,
-    which would move every probability by 0.1%."""
-    z_CV.sub_(z_CV.amax(dim=1, keepdim=True))
-    torch.exp(z_CV, out=p_CV)
+
+def _chain_(dx_CV: torch.Tensor, inv_t: float, scale: torch.Tensor | None) -> torch.Tensor:
+    """d loss / d x -> d loss / d z (times the chunk's scale), in place."""
+    if inv_t != 1.0:
+        dx_CV.mul_(inv_t)
+    return dx_CV if scale is None else dx_CV.mul_(scale)
+
+
+def _softmax_stats(x_CV: torch.Tensor, p_CV: torch.Tensor, with_entropy: bool = False) -> torch.Tensor | None:
+    """Write softmax(x) into p_CV and log-softmax over x_CV in place, without another [C, V] buffer; with
+    with_entropy, return the entropy [C] as log s - t / s, t = sum e (x - max), e = exp(x - max).
+
+    log p = (x - max) - log s, never x - lse: at logits of 1e4 an fp32 lse is off by ulp(1e4) = 1e-3,
+    which would move every probability by 0.1%. The entropy by log s - t / s (the Triton kernel's formula)
+    rather than -sum p log p, whose terms carry the rounding of p and log p: at V 151,936 in fp32 the error
+    against fp64 is 9.7e-8 relative, against 1.1e-5 (tests/test_chunk_loop.py)."""
+    x_CV.sub_(x_CV.amax(dim=1, keepdim=True))
+    torch.exp(x_CV, out=p_CV)
     s_C = p_CV.sum(dim=1, keepdim=True)
+    entropy_C = None
+    if with_entropy:
+        entropy_C = s_C.log().squeeze(1) - _rowdot(p_CV, x_CV) / s_C.squeeze(1)
     p_CV.div_(s_C)
-    z_CV.sub_(s_C.log_())
+    x_CV.sub_(s_C.log_())
+    return entropy_C
 
 
 def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip, need_grad, clip_mode="value"):
-    """FKL, RKL [K] and, if need_grad, the distilled rows' logit gradient dz [K, V]. u_KV is consumed.
-    The weights carry 1/temperature, so a "grad" clamp (applied before them) acts on d KL / d z, z scaled."""
+    """FKL, RKL [K] and, if need_grad, the distilled rows' gradient d loss / d x [K, V] (x the mapped student
+    logits, so that a "grad" clamp acts on d KL / d x, the logits after the temperature). u_KV (mapped) is
+    consumed."""
     k = u_KV.shape[0]
     q_KV = ws.get("q", k, teacher=True)
     _softmax_stats(u_KV, q_KV)  # u is now log q
@@ -103,51 +138,44 @@ def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip
     return fkl_K, rkl_K, dz_KV
 
 
-def row_buffers(dz_bytes_ratio: float) -> tuple[float, float]:
-    """[V] accumulation-dtype buffers per student row and per distilled row, for the chunk planner;
-    dz_bytes_ratio is the size of a dz element over an accumulation element (0 without gradient, 1 when
-    dz stays in the accumulation dtype: it is then written over p)."""
-    return STUDENT_ROW_BUFFERS + (dz_bytes_ratio if dz_bytes_ratio < 1 else 0.0), TEACHER_ROW_BUFFERS
-
-
 def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutputs:
     """Row statistics of one chunk and, with chunk.need_grad, dz (see ChunkOutputs). z_CV and u_KV are
     consumed (overwritten)."""
     z_CV, u_KV, inv_t = chunk.z_CV, chunk.u_KV, chunk.inv_t
-    if inv_t != 1.0:
-        z_CV.mul_(inv_t)
-        if u_KV is not None:
-            u_KV.mul_(inv_t)
-    p_CV = ws.get("p", z_CV.shape[0])
-    _softmax_stats(z_CV, p_CV)
-    logp_CV = z_CV
-    logp_C = logp_CV.gather(1, chunk.targets_C[:, None]).squeeze(1)
-    entropy_C = -_rowdot(p_CV, logp_CV)
-
-    # dz with respect to the unscaled logits is inv_t times dz with respect to the scaled ones, and dz is
-    # linear in the row weights g, ew, fw, rw: scaling those [C] / [K] vectors applies the temperature.
-    def scaled(w):
-        return w if w is None or inv_t == 1.0 else w * inv_t
+    with piece("stats"):
+        x_CV = _map_logits_(z_CV, inv_t)
+        p_CV = ws.get("p", x_CV.shape[0])
+        entropy_C = _softmax_stats(x_CV, p_CV, with_entropy=True)
+        logp_CV = x_CV
+        logp_C = logp_CV.gather(1, chunk.targets_C[:, None]).squeeze(1)
 
     fkl_K = rkl_K = dz_KV = None
     if u_KV is not None:
-        fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, u_KV, chunk.local_K, scaled(chunk.fkl_weight_K),
-                                       scaled(chunk.rkl_weight_K), chunk.kl_term_clip, chunk.need_grad,
-                                       chunk.kl_clip_mode)
+        with piece("kl"):
+            fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, _map_logits_(u_KV, inv_t), chunk.local_K,
+                                           chunk.fkl_weight_K, chunk.rkl_weight_K, chunk.kl_term_clip,
+                                           chunk.need_grad, chunk.kl_clip_mode)
 
-    loss_C, g_C = pg(logp_C, entropy_C)
+    with piece("pg"):
+        loss_C, g_C = pg(logp_C, entropy_C)
     if not chunk.need_grad:
         return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, None)
-    g_C = scaled(g_C)
-    # dz = p * (-(g + ew H) - ew log p) + g onehot(y), built in the p buffer.
-    if chunk.entropy_weight_C is None:
-        dz_CV = p_CV.mul_(-g_C[:, None])
-    else:
-        ew = scaled(chunk.entropy_weight_C)[:, None]
-        dz_CV = p_CV.mul_(logp_CV.mul_(-ew).sub_(g_C[:, None] + ew * entropy_C[:, None]))
-    dz_CV.scatter_add_(1, chunk.targets_C[:, None], g_C[:, None])
-    if dz_KV is not None:
-        dz_CV.index_add_(0, chunk.local_K, dz_KV)
-    if chunk.dz_dtype != dz_CV.dtype:
-        dz_CV = ws.get("dz", dz_CV.shape[0], dtype=chunk.dz_dtype).copy_(dz_CV)
-    return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, dz_CV)
+    with piece("grad"):
+        ew_C = chunk.entropy_weight_C
+        scale = None
+        if chunk.dz_scale_for is not None:
+            kl_max = None if dz_KV is None else dz_KV.abs().amax(dim=1)
+            scale = dz_scale(g_C, ew_C, entropy_C, kl_max, chunk.local_K, inv_t)
+        # dx = p * (-(g + ew H) - ew log p) + g onehot(y), built in the p buffer.
+        if ew_C is None:
+            dx_CV = p_CV.mul_(-g_C[:, None])
+        else:
+            ew = ew_C[:, None]
+            dx_CV = p_CV.mul_(logp_CV.mul_(-ew).sub_(g_C[:, None] + ew * entropy_C[:, None]))
+        dx_CV.scatter_add_(1, chunk.targets_C[:, None], g_C[:, None])
+        if dz_KV is not None:
+            dx_CV.index_add_(0, chunk.local_K, dz_KV)
+        dz_CV = _chain_(dx_CV, inv_t, scale)
+        if chunk.dz_dtype != dz_CV.dtype:  # over z, which is no longer needed
+            dz_CV = narrow_view(z_CV, chunk.dz_dtype).copy_(dz_CV)
+    return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, dz_CV, scale)

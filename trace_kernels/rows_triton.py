@@ -1,23 +1,25 @@
 """Row statistics and logit gradients of one chunk by Triton kernels (`impl="triton"`).
 
 Same interface and mathematics as rows_torch.chunk_rows; the chunk loop, the LM-head GEMMs and the PG
-coefficients are shared (chunked.py, pg.py). Each kernel is one program per row sweeping the
-vocabulary in BLOCK_V blocks, reading the fp32 logits the GEMM wrote and folding in 1/temperature.
+coefficients are shared (chunked.py, pg.py). Each kernel is one program per row sweeping the vocabulary in
+BLOCK_V blocks, reading the fp32 raw logits z the GEMM wrote and mapping them to x = z / temperature as it
+loads them (`_load_logits`; the per-logit map of _chunk.py).
 
-Student stats (one sweep), with z scaled logits, running max m and s = sum exp(z - m):
-    t = sum exp(z - m) (z - m), rescaled like s when m grows: t' = e^(m - m') (t + (m - m') s)
-    log p = (z - m) - log s  (m and log s kept apart: an fp32 lse = m + log s at logits of 1e4 is off
-    by 1e-3 and would move every probability by 0.1%),  entropy = log s - t / s  (not lse - sum p z,
+Student stats (one sweep), with x mapped logits, running max m and s = sum exp(x - m):
+    t = sum exp(x - m) (x - m), rescaled like s when m grows: t' = e^(m - m') (t + (m - m') s)
+    log p = (x - m) - log s  (m and log s kept apart: an fp32 lse = m + log s at logits of 1e4 is off
+    by 1e-3 and would move every probability by 0.1%),  entropy = log s - t / s  (not lse - sum p x,
     which cancels catastrophically at such logits).
 KL rows (teacher u of distilled row k, student row s = local_k with its max and log s known):
     sweep 1: lse_u (online);  sweep 2: FKL = sum clamp(-q d), RKL = sum clamp(p d), d = logp - logq, and the
-    sums over unclamped terms Sf = sum_U q, Sr = sum_U p (d + 1);  sweep 3 (gradient), written over u:
+    sums over unclamped terms Sf = sum_U q, Sr = sum_U p (d + 1);  sweep 3 (gradient d loss / d x), over u:
     unclipped: fw (p - q) + rw p (d - RKL);   clipped: fw (p Sf - q [U]) + rw ([U] p (d + 1) - p Sr);
     GRAD_CLIP ("grad" mode: sweep 2 sums the unclipped terms):
     fw clamp(p - q, -c, c) + rw clamp(p (d - RKL), -c, c).
-Student gradient:  dz = p (-(g + ew H) - ew logp) + g [v = y] + the dz of the row's distilled rows (read
-from u), times 1/temperature (dz with respect to the unscaled logits h W^T), summed in fp32 and rounded
-once to the GEMM input dtype as it is stored (over z when that is fp32, else into a separate buffer).
+Student gradient:  dx = p (-(g + ew H) - ew logp) + g [v = y] + the dx of the row's distilled rows (read
+from u), turned into dz = dx dx/dz (`_logit_grad`: 1/temperature), times the chunk's scale (HAS_SCALE, fp16),
+summed in fp32 and rounded once to the GEMM input dtype as it is stored: over z itself (a 16-bit dz in the
+first half of the row's fp32 bytes, stored block by block after a barrier, once every warp has read the block).
 """
 
 from __future__ import annotations
@@ -26,19 +28,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._chunk import ChunkInputs, ChunkOutputs, PgCallback
-from ._gemm import Workspace
+from ._chunk import ChunkInputs, ChunkOutputs, PgCallback, dz_scale, piece
+from ._gemm import Workspace, narrow_view
 
-STUDENT_ROW_BUFFERS = 1  # the logits buffer only: an fp32 dz is written over it
+STUDENT_ROW_BUFFERS = 1  # the logits buffer only: dz (fp32 or 16-bit) is written over it
 TEACHER_ROW_BUFFERS = 1  # likewise for the teacher logits
 MAX_BLOCK_V = 4096
 
 
-def row_buffers(dz_bytes_ratio: float) -> tuple[float, float]:
-    """[V] accumulation-dtype buffers per student row and per distilled row, for the chunk planner. A dz
-    narrower than the logits (bf16 for fp32 logits: dz_bytes_ratio 0.5) gets its own buffer: writing it
-    over the row it is computed from would race between warps."""
-    return STUDENT_ROW_BUFFERS + (dz_bytes_ratio if dz_bytes_ratio < 1 else 0.0), TEACHER_ROW_BUFFERS
+@triton.jit
+def _load_logits(row_ptr, offs, mask, inv_t, other):
+    """The mapped logits x of one block of a row of raw logits (masked entries: `other`)."""
+    return tl.load(row_ptr + offs, mask=mask, other=other).to(tl.float32) * inv_t
+
+
+@triton.jit
+def _logit_grad(dx, inv_t):
+    """d loss / d z from d loss / d x, x = z * inv_t."""
+    return dx * inv_t
 
 
 @triton.jit
@@ -52,7 +59,7 @@ def _online_softmax_sweep(row_ptr, V, inv_t, BLOCK_V: tl.constexpr, WITH_T: tl.c
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        x = _load_logits(row_ptr, offs, mask, inv_t, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         scale = tl.exp(m - m_new)
         e = tl.where(mask, tl.exp(x - m_new), 0.0)
@@ -72,7 +79,7 @@ def _student_stats_kernel(z_ptr, stride_z, targets_ptr, inv_t, max_ptr, logs_ptr
     m, s, t = _online_softmax_sweep(z_row, V, inv_t, BLOCK_V, True)
     log_s = tl.log(s)
     y = tl.load(targets_ptr + row)
-    z_y = tl.load(z_row + y).to(tl.float32) * inv_t
+    z_y = _load_logits(z_row, y, None, inv_t, None)
     tl.store(max_ptr + row, m)
     tl.store(logs_ptr + row, log_s)
     tl.store(logp_ptr + row, (z_y - m) - log_s)
@@ -102,8 +109,8 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
-        logp = (tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m_s) - logs_s
-        logq = (tl.load(u_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m_u) - logs_u
+        logp = (_load_logits(z_row, offs, mask, inv_t, 0.0) - m_s) - logs_s
+        logq = (_load_logits(u_row, offs, mask, inv_t, 0.0) - m_u) - logs_u
         p = tl.where(mask, tl.exp(logp), 0.0)
         q = tl.where(mask, tl.exp(logq), 0.0)
         d = logp - logq
@@ -122,15 +129,15 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
     tl.store(fkl_ptr + k, fkl)
     tl.store(rkl_ptr + k, rkl)
     if NEED_GRAD:
-        # inv_t in the weights: dz with respect to the unscaled logits (see _student_grad_kernel)
-        fw = tl.load(fw_ptr + k).to(tl.float32) * inv_t if HAS_FW else 0.0
-        rw = tl.load(rw_ptr + k).to(tl.float32) * inv_t if HAS_RW else 0.0
-        # sweep 3: dz of the distilled row, over u (each program reads its u block before writing it)
+        # d loss / d x of the distilled row (the student kernel applies the map's derivative)
+        fw = tl.load(fw_ptr + k).to(tl.float32) if HAS_FW else 0.0
+        rw = tl.load(rw_ptr + k).to(tl.float32) if HAS_RW else 0.0
+        # sweep 3: over u (each element is read before it is written, by the same thread)
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + tl.arange(0, BLOCK_V)
             mask = offs < V
-            logp = (tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m_s) - logs_s
-            logq = (tl.load(u_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m_u) - logs_u
+            logp = (_load_logits(z_row, offs, mask, inv_t, 0.0) - m_s) - logs_s
+            logq = (_load_logits(u_row, offs, mask, inv_t, 0.0) - m_u) - logs_u
             p = tl.exp(logp)
             q = tl.exp(logq)
             d = logp - logq
@@ -151,34 +158,41 @@ def _kl_rows_kernel(z_ptr, stride_z, u_ptr, stride_u, local_ptr, max_ptr, logs_p
 
 @triton.jit
 def _student_grad_kernel(z_ptr, stride_z, dz_ptr, stride_dz, targets_ptr, max_ptr, logs_ptr, ent_ptr, g_ptr, ew_ptr,
-                         u_ptr, stride_u, kl_start_ptr, inv_t, V, HAS_EW: tl.constexpr, HAS_KL: tl.constexpr,
-                         BLOCK_V: tl.constexpr):
+                         u_ptr, stride_u, kl_start_ptr, scale_ptr, inv_t, V, HAS_EW: tl.constexpr,
+                         HAS_KL: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     dz_row = dz_ptr + row * stride_dz
     m = tl.load(max_ptr + row)
     log_s = tl.load(logs_ptr + row)
-    # inv_t folded into the row weights: dz with respect to h W^T, so the temperature is applied before
-    # the one rounding to the GEMM dtype and no GEMM output needs scaling afterwards.
-    g = tl.load(g_ptr + row).to(tl.float32) * inv_t
+    g = tl.load(g_ptr + row).to(tl.float32)
     y = tl.load(targets_ptr + row)
     if HAS_EW:
-        ew = tl.load(ew_ptr + row).to(tl.float32) * inv_t
+        ew = tl.load(ew_ptr + row).to(tl.float32)
         a = -(g + ew * tl.load(ent_ptr + row))
     else:
         ew = 0.0
         a = -g
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr)
     if HAS_KL:  # this row's distilled rows are u rows [k0, k1): local_K is sorted
         k0 = tl.load(kl_start_ptr + row)
         k1 = tl.load(kl_start_ptr + row + 1)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
         mask = offs < V
-        logp = (tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - m) - log_s
-        dz = tl.exp(logp) * (a - ew * logp) + tl.where(offs == y, g, 0.0)
+        x = _load_logits(z_row, offs, mask, inv_t, 0.0)
+        logp = (x - m) - log_s
+        dx = tl.exp(logp) * (a - ew * logp) + tl.where(offs == y, g, 0.0)
         if HAS_KL:
             for k in range(k0, k1):
-                dz += tl.load(u_ptr + k * stride_u + offs, mask=mask, other=0.0)
+                dx += tl.load(u_ptr + k * stride_u + offs, mask=mask, other=0.0)
+        dz = _logit_grad(dx, inv_t)
+        if HAS_SCALE:
+            dz = dz * scale
+        # dz may be stored over z (a 16-bit dz over the first half of the row's bytes: block b's store lands on
+        # elements of blocks <= b): every warp must have read this block before any warp stores.
+        tl.debug_barrier()
         tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -190,15 +204,16 @@ def block_and_warps(vocab: int) -> tuple[int, int]:
 
 def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutputs:
     """Row statistics of one chunk and, with chunk.need_grad, dz (see ChunkOutputs and rows_torch.chunk_rows).
-    z_CV and u_KV (fp32 logits) are consumed: dz is written over them (or, narrower, into ws["dz"])."""
+    z_CV and u_KV (fp32 raw logits) are consumed: dz is written over them."""
     z_CV, u_KV, local_K = chunk.z_CV, chunk.u_KV, chunk.local_K
     c, v = z_CV.shape
     device = z_CV.device
     block, warps = block_and_warps(v)
     max_C, logs_C, logp_C, ent_C = (torch.empty(c, dtype=torch.float32, device=device) for _ in range(4))
     targets_C = chunk.targets_C.contiguous()
-    _student_stats_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, chunk.inv_t, max_C, logs_C, logp_C, ent_C, v,
-                                BLOCK_V=block, num_warps=warps)
+    with piece("stats"):
+        _student_stats_kernel[(c,)](z_CV, z_CV.stride(0), targets_C, chunk.inv_t, max_C, logs_C, logp_C, ent_C, v,
+                                    BLOCK_V=block, num_warps=warps)
     fkl_K = rkl_K = None
     fw_K, rw_K = chunk.fkl_weight_K, chunk.rkl_weight_K
     kl_grad = chunk.need_grad and u_KV is not None and (fw_K is not None or rw_K is not None)
@@ -208,24 +223,32 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
         fkl_K = torch.empty(k, dtype=torch.float32, device=device)
         rkl_K = torch.empty(k, dtype=torch.float32, device=device)
         dummy = fkl_K
-        _kl_rows_kernel[(k,)](
-            z_CV, z_CV.stride(0), u_KV, u_KV.stride(0), local_K.contiguous(), max_C, logs_C,
-            dummy if fw_K is None else fw_K.contiguous(), dummy if rw_K is None else rw_K.contiguous(),
-            chunk.inv_t, 0.0 if chunk.kl_term_clip is None else chunk.kl_term_clip, fkl_K, rkl_K, v,
-            HAS_FW=fw_K is not None, HAS_RW=rw_K is not None, CLIP=clip and chunk.kl_clip_mode == "value",
-            GRAD_CLIP=clip and kl_grad and chunk.kl_clip_mode == "grad", NEED_GRAD=kl_grad, BLOCK_V=block,
-            num_warps=warps)
-    loss_C, g_C = pg(logp_C, ent_C)
+        with piece("kl"):
+            _kl_rows_kernel[(k,)](
+                z_CV, z_CV.stride(0), u_KV, u_KV.stride(0), local_K.contiguous(), max_C, logs_C,
+                dummy if fw_K is None else fw_K.contiguous(), dummy if rw_K is None else rw_K.contiguous(),
+                chunk.inv_t, 0.0 if chunk.kl_term_clip is None else chunk.kl_term_clip, fkl_K, rkl_K, v,
+                HAS_FW=fw_K is not None, HAS_RW=rw_K is not None, CLIP=clip and chunk.kl_clip_mode == "value",
+                GRAD_CLIP=clip and kl_grad and chunk.kl_clip_mode == "grad", NEED_GRAD=kl_grad, BLOCK_V=block,
+                num_warps=warps)
+    with piece("pg"):
+        loss_C, g_C = pg(logp_C, ent_C)
     if not chunk.need_grad:
         return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, None)
-    dz_CV = z_CV if chunk.dz_dtype == z_CV.dtype else ws.get("dz", c, dtype=chunk.dz_dtype)
-    # u holds the distilled rows' dz only when the KL kernel wrote it; student row c's distilled rows are
-    # u rows kl_start[c] to kl_start[c + 1] - 1 (local_K is sorted)
-    kl_start = (torch.searchsorted(local_K, torch.arange(c + 1, device=device, dtype=local_K.dtype))
-                if kl_grad else logp_C)
-    ew_C = chunk.entropy_weight_C
-    _student_grad_kernel[(c,)](z_CV, z_CV.stride(0), dz_CV, dz_CV.stride(0), targets_C, max_C, logs_C, ent_C,
-                               g_C.contiguous(), g_C if ew_C is None else ew_C.contiguous(),
-                               u_KV if kl_grad else z_CV, u_KV.stride(0) if kl_grad else 0, kl_start, chunk.inv_t, v,
-                               HAS_EW=ew_C is not None, HAS_KL=kl_grad, BLOCK_V=block, num_warps=warps)
-    return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, dz_CV)
+    with piece("grad"):
+        ew_C = chunk.entropy_weight_C
+        scale = None
+        if chunk.dz_scale_for is not None:
+            kl_max = u_KV.abs().amax(dim=1) if kl_grad else None
+            scale = dz_scale(g_C, ew_C, ent_C, kl_max, local_K, chunk.inv_t)
+        dz_CV = z_CV if chunk.dz_dtype == z_CV.dtype else narrow_view(z_CV, chunk.dz_dtype)
+        # u holds the distilled rows' dx only when the KL kernel wrote it; student row c's distilled rows are
+        # u rows kl_start[c] to kl_start[c + 1] - 1 (local_K is sorted)
+        kl_start = (torch.searchsorted(local_K, torch.arange(c + 1, device=device, dtype=local_K.dtype))
+                    if kl_grad else logp_C)
+        _student_grad_kernel[(c,)](
+            z_CV, z_CV.stride(0), dz_CV, dz_CV.stride(0), targets_C, max_C, logs_C, ent_C, g_C.contiguous(),
+            g_C if ew_C is None else ew_C.contiguous(), u_KV if kl_grad else z_CV,
+            u_KV.stride(0) if kl_grad else 0, kl_start, logp_C if scale is None else scale, chunk.inv_t, v,
+            HAS_EW=ew_C is not None, HAS_KL=kl_grad, HAS_SCALE=scale is not None, BLOCK_V=block, num_warps=warps)
+    return ChunkOutputs(logp_C, ent_C, loss_C, fkl_K, rkl_K, dz_CV, scale)
