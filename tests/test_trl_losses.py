@@ -1,0 +1,261 @@
+"""Every loss-changing `GRPOConfig` option of TRL 1.16 in `TraceGRPOTrainer`, against TRL's own
+`GRPOTrainer._compute_loss` on the same micro-batch (masked tokens, off-policy old log-probs).
+
+These options have no `trace_loss` term of their own and go through the prepass (trl_loss.fused_path):
+the log-probs measured without gradient, TRL's loss differentiated in closed form, then `trace_loss`
+on-policy. The two trainers compute the same sums in different orders, each term rounded once in fp32
+(eps 6e-8) over a few hundred summands, so ~1e-6 relative; we allow 2e-5 of each tensor's largest entry
+(as tests/test_trl_grpo.py). A wrong mask, weight, clip or normaliser is O(1) in some gradient entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+from trl import GRPOTrainer  # noqa: E402
+from trl_setup import make_trainer, random_batch, save_tiny_model  # noqa: E402
+
+from trace_train.integrations.trl import TraceGRPOTrainer  # noqa: E402
+
+TOL = 2e-5
+METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+           "clip_ratio/high_max", "kl", "policy_loss", "entropy_coef", "cispo_clip_ratio", "vespo/phi_seq_mean",
+           "aux_loss")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def moe_path(tmp_path_factory):
+    """A tiny Qwen3-MoE (4 experts, top 2) with the character tokenizer, saved like the dense one."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from trace_train.model import build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("moe")
+    tok = build_char_tokenizer()
+    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+                            tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def _loss_and_grads(trainer, inputs, accumulation):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = accumulation
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, {k: (v.clone() if torch.is_tensor(v) else v)
+                                                 for k, v in inputs.items()})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, scale):
+    """`scale`: the size of the loss's summands (mean |advantage| / accumulation): a sum of signed terms
+    that cancel is rounded at the terms' size, not at the sum's."""
+    assert torch.isfinite(loss_ref) and loss_ref.abs() > 1e-4
+    assert abs(loss.item() - loss_ref.item()) <= TOL * max(abs(loss_ref.item()), scale), (loss.item(), loss_ref.item())
+    assert grads.keys() == grads_ref.keys() and len(grads) > 5
+    for name, g_ref in grads_ref.items():
+        assert g_ref.abs().max() > 0, name
+        assert (grads[name] - g_ref).abs().max() <= TOL * g_ref.abs().max(), name
+    logged = [k for k in METRICS if k in ref._metrics["train"]]
+    assert "entropy" in logged
+    for key in logged:
+        assert ours._metrics["train"][key] == pytest.approx(ref._metrics["train"][key], rel=1e-4, abs=1e-6), key
+
+
+def _scale(inputs, accumulation):
+    return inputs["advantages"].abs().mean().item() / accumulation
+
+
+def _measured_logps(trainer, inputs):
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att,
+                                                                inputs["completion_ids"].shape[1])
+    return logp
+
+
+def vllm_ratio(old_BT, sampling_BT, mask_BT, mode, clip_min, clip_max):
+    """vLLM's importance-sampling ratio as TRL 1.16's `_generate_and_score_completions` hands it to the loss:
+    exp(old - sampling) per token, or summed per sequence ([B, 1]); clamped (truncate) or zeroed outside
+    [clip_min, clip_max] (mask)."""
+    diff = (old_BT - sampling_BT) * mask_BT
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    return ratio.masked_fill((ratio < low) | (ratio > clip_max), 0.0)
+
+
+CASES = {  # id: (config, accumulation, batch extras)
+    "cispo-eps5-beta": (dict(loss_type="cispo", epsilon_high=5.0, beta=0.04), 2, {}),
+    "cispo-eps1.1": (dict(loss_type="cispo", epsilon_high=1.1), 1, {}),
+    "sapo": (dict(loss_type="sapo"), 1, {}),
+    "sapo-beta-nobias": (dict(loss_type="sapo", beta=0.04, use_bias_correction_kl=False), 2, {}),
+    "luspo-gspo": (dict(loss_type="luspo", importance_sampling_level="sequence"), 2, {}),
+    "luspo-token-beta": (dict(loss_type="luspo", beta=0.04), 1, {}),
+    "vespo": (dict(loss_type="vespo"), 2, {}),
+    "gspo-grpo-beta": (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04), 1, {}),
+    "gspo-dapo": (dict(loss_type="dapo", importance_sampling_level="sequence"), 1, {}),
+    "opsm-dapo": (dict(loss_type="dapo", off_policy_mask_threshold=0.05), 1, {}),
+    "opsm-grpo-sampling-logps": (dict(loss_type="grpo", off_policy_mask_threshold=0.05), 2, {"sampling": True}),
+    "top-entropy-0.5-bonus": (dict(loss_type="grpo", top_entropy_quantile=0.5, entropy_coef=0.05), 1, {}),
+    "top-entropy-0.3-dapo-beta": (dict(loss_type="dapo", top_entropy_quantile=0.3, beta=0.04), 2, {}),
+    "delta-1.1-bnpo": (dict(loss_type="bnpo", delta=1.1), 1, {}),
+    "delta-1.05-grpo-beta": (dict(loss_type="grpo", delta=1.05, beta=0.04, use_bias_correction_kl=False), 2, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_option_loss_and_gradients_equal_trl(model_path, tmp_path, case):
+    config, accumulation, extras = CASES[case]
+    config = dict(dict(epsilon=0.2, epsilon_high=0.28), **config)
+    ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **config)
+    ours = make_trainer(TraceGRPOTrainer, model_path, tmp_path / "ours", **config)
+    inputs = random_batch(len(ours._tokenizer), seed=sum(map(ord, case)) % 97)
+    logp = _measured_logps(ref, inputs)
+    g = torch.Generator().manual_seed(1)
+    # ratios spread over and beyond the clip range, so every clip branch and mask value is taken
+    inputs["old_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
+    if config.get("beta"):
+        inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    if extras.get("sampling"):  # vLLM's log-probs, which OPSM prefers; mostly negative advantages
+        inputs["sampling_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
+        inputs["advantages"] = -inputs["advantages"]
+    loss_ref, grads_ref = _loss_and_grads(ref, inputs, accumulation)
+    loss, grads = _loss_and_grads(ours, inputs, accumulation)
+    _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, accumulation))
+
+
+def test_masks_take_both_values(model_path, tmp_path):
+    """The OPSM and entropy-mask cases above are not vacuous: on their batches the masks keep some and drop some."""
+    for case in ("opsm-dapo", "opsm-grpo-sampling-logps", "top-entropy-0.5-bonus"):
+        config, _, extras = CASES[case]
+        ref = make_trainer(GRPOTrainer, model_path, tmp_path / case, **config)
+        inputs = random_batch(len(ref._tokenizer), seed=sum(map(ord, case)) % 97)
+        logp = _measured_logps(ref, inputs)
+        g = torch.Generator().manual_seed(1)
+        old = logp + 0.4 * torch.randn(logp.shape, generator=g)
+        mask = inputs["completion_mask"].float()
+        adv = inputs["advantages"][:, None]
+        if case.startswith("opsm"):
+            sampling = old
+            if extras.get("sampling"):
+                sampling, adv = logp + 0.4 * torch.randn(logp.shape, generator=g), -adv
+            kept = ref.get_off_policy_mask(adv, logp, sampling, mask, config["off_policy_mask_threshold"])
+        else:
+            with torch.no_grad():
+                ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+                att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+                _, ent, _ = ref._get_per_token_logps_and_entropies(ref.model, ids, att, mask.shape[1],
+                                                                   compute_entropy=True)
+            kept = ref.get_high_entropy_mask(ent, mask, 0.5)[mask.bool()]
+        assert 0 < kept.float().sum() < kept.numel(), (case, kept)
+
+
+MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+@pytest.mark.parametrize("mode,loss_type,beta", [(m, "dapo", 0.0) for m in MODES] + [(m, "grpo", 0.04) for m in MODES]
+                         + [(m, "vespo", 0.0) for m in MODES[:2]])
+def test_vllm_importance_sampling_modes_equal_trl(model_path, tmp_path, mode, loss_type, beta):
+    """vLLM's ratio in each of TRL's modes (token / sequence level, truncate / mask), with a fused loss
+    (dapo, beta 0: a pg_weight factor), a prepass one (grpo with bias-corrected k3) and vespo (folded into
+    its gamma weights; TRL allows vespo only with the token modes)."""
+    config = dict(loss_type=loss_type, beta=beta, vllm_importance_sampling_mode=mode,
+                  vllm_importance_sampling_correction=True)
+    ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **config)
+    ours = make_trainer(TraceGRPOTrainer, model_path, tmp_path / "ours", **config)
+    for t in (ref, ours):  # vLLM itself is not run here: the ratio is injected as TRL would hand it over
+        t.use_vllm = True
+    inputs = random_batch(len(ours._tokenizer), seed=7)
+    logp = _measured_logps(ref, inputs)
+    g = torch.Generator().manual_seed(3)
+    mask = inputs["completion_mask"].float()
+    old = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    sampling = old + (0.5 if mode.startswith("token") else 0.3) * torch.randn(logp.shape, generator=g)
+    clip_min = 0.5 if mode.endswith("mask") else None
+    ratio = vllm_ratio(old, sampling, mask, mode, clip_min, 2.0)
+    if mode.endswith("mask"):
+        assert (ratio == 0).any() and (ratio > 0).any()
+    inputs.update(old_per_token_logps=old, sampling_per_token_logps=sampling, importance_sampling_ratio=ratio)
+    if beta:
+        inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    loss_ref, grads_ref = _loss_and_grads(ref, inputs, 1)
+    loss, grads = _loss_and_grads(ours, inputs, 1)
+    _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, 1))
+
+
+def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path):
+    """The controller is stateful: each optimizer step's entropy moves entropy_coef for the next, and the
+    bonus applies only while the last step's entropy is at or below the target. Five steps on different
+    batches, with a target between the batches' entropies, so the gate opens and closes."""
+    config = dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.02, entropy_coef_delta=0.01,
+                  top_entropy_quantile=0.6, entropy_target=float("nan"))
+    ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **{**config, "entropy_target": 0.2})
+    batches = [random_batch(len(ref._tokenizer), seed=20 + i) for i in range(5)]
+    entropies = []
+    for inputs in batches:
+        with torch.no_grad():
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            _, ent, _ = ref._get_per_token_logps_and_entropies(ref.model, ids, att, 7, compute_entropy=True)
+        mask = inputs["completion_mask"].bool()
+        entropies.append(ent[mask].mean().item())
+    target = sorted(entropies)[2] + 0.3  # high-entropy tokens' mean sits above the all-token mean: gate flips
+    config["entropy_target"] = target
+    ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **config)
+    ours = make_trainer(TraceGRPOTrainer, model_path, tmp_path / "ours", **config)
+    gates = []
+    for inputs in batches:
+        gates.append(ref._last_world_entropy <= target)
+        loss_ref, grads_ref = _loss_and_grads(ref, inputs, 1)
+        loss, grads = _loss_and_grads(ours, inputs, 1)
+        _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, 1))
+        assert ours.entropy_coef == pytest.approx(ref.entropy_coef, abs=1e-12)
+        assert ours._last_world_entropy == pytest.approx(ref._last_world_entropy, rel=1e-5)
+    assert any(gates) and not all(gates), (gates, ref._metrics["train"]["entropy_coef"])
+    assert len(set(ref._metrics["train"]["entropy_coef"])) > 1
+
+
+@pytest.mark.parametrize("loss_type,accumulation", [("grpo", 2), ("dapo", 1)])
+def test_router_aux_loss_equal_trl(moe_path, tmp_path, loss_type, accumulation):
+    """A Qwen3-MoE: TRL adds router_aux_loss_coef x the model's load-balancing loss (scaled for accumulation)."""
+    config = dict(loss_type=loss_type, router_aux_loss_coef=0.5, beta=0.04 if loss_type == "dapo" else 0.0,
+                  use_bias_correction_kl=False)
+    ref = make_trainer(GRPOTrainer, moe_path, tmp_path / "trl", **config)
+    ours = make_trainer(TraceGRPOTrainer, moe_path, tmp_path / "ours", **config)
+    assert ref.aux_loss_enabled and ours.aux_loss_enabled
+    inputs = random_batch(len(ours._tokenizer), seed=11)
+    logp = _measured_logps(ref, inputs)
+    g = torch.Generator().manual_seed(4)
+    inputs["old_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
+    if config["beta"]:
+        inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    loss_ref, grads_ref = _loss_and_grads(ref, inputs, accumulation)
+    loss, grads = _loss_and_grads(ours, inputs, accumulation)
+    _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, accumulation))
+    assert ours._metrics["train"]["aux_loss"][-1] > 0
+    router = [n for n in grads_ref if "gate.weight" in n]
+    assert router, "the router gets the aux loss's gradient"
