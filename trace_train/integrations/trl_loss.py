@@ -41,9 +41,9 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
     if args.importance_sampling_level not in ("token", "sequence"):
         errors.append(f"importance_sampling_level={args.importance_sampling_level!r} is not supported")
     if aux_loss_enabled and router_aux_loss_fn(model) is None:
-        errors.append(f"router_aux_loss_coef: {type(model).__name__} has no load_balancing_loss_func, num_experts "
-                      "and num_experts_per_tok to compute the MoE load-balancing loss from the backbone's router "
-                      "logits; set router_aux_loss_coef=0.0")
+        errors.append(f"router_aux_loss_coef: {type(model).__name__}'s config has no output_router_logits, "
+                      "num_experts and num_experts_per_tok to compute the MoE load-balancing loss from; set "
+                      "router_aux_loss_coef=0.0")
     text_config = model.config.get_text_config()
     if text_config is not model.config:
         errors.append("model: vision-language models are not supported (text-only causal LMs)")
@@ -63,16 +63,20 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
 
 
 def router_aux_loss_fn(model):
-    """aux(router_logits, attention_mask) as the model's own causal-LM forward computes its `aux_loss`
-    (the `load_balancing_loss_func` of its modeling module, with its expert counts), or None."""
-    import sys
-
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "load_balancing_loss_func", None)
-    num_experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
-    if fn is None or num_experts is None or top_k is None:
+    """aux(router_logits, attention_mask): the MoE load-balancing loss as TRL 1.16's fused head computes it
+    (transformers' Mixtral `load_balancing_loss_func`, which every MoE family shares, with the text config's
+    num_experts and num_experts_per_tok), or None where the model has no such loss."""
+    try:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    except ImportError:
         return None
-    return lambda router_logits, attention_mask: fn(router_logits, num_experts, top_k, attention_mask)
+    config = model.config.get_text_config()
+    num_experts = getattr(config, "num_experts", None) or getattr(model, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not hasattr(config, "output_router_logits") or num_experts is None or top_k is None:
+        return None
+    return lambda router_logits, attention_mask: load_balancing_loss_func(router_logits, num_experts, top_k,
+                                                                          attention_mask)
 
 
 def fused_path(args, *, beta: float, is_ratio: bool) -> bool:
