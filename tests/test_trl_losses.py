@@ -207,12 +207,14 @@ def test_vllm_importance_sampling_modes_equal_trl(model_path, tmp_path, mode, lo
     _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, 1))
 
 
-def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path):
+@pytest.mark.parametrize("quantile", [1.0, 0.6])
+def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path, quantile):
     """The controller is stateful: each optimizer step's entropy moves entropy_coef for the next, and the
     bonus applies only while the last step's entropy is at or below the target. Five steps on different
-    batches, with a target between the batches' entropies, so the gate opens and closes."""
+    batches, with a target between the batches' entropies, so the gate opens and closes; with all tokens
+    (the fused pass) and with the high-entropy ones (the prepass; the controller measures those)."""
     config = dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.02, entropy_coef_delta=0.01,
-                  top_entropy_quantile=0.6, entropy_target=float("nan"))
+                  top_entropy_quantile=quantile, entropy_target=float("nan"))
     ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **{**config, "entropy_target": 0.2})
     batches = [random_batch(len(ref._tokenizer), seed=20 + i) for i in range(5)]
     entropies = []
@@ -223,7 +225,8 @@ def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path):
             _, ent, _ = ref._get_per_token_logps_and_entropies(ref.model, ids, att, 7, compute_entropy=True)
         mask = inputs["completion_mask"].bool()
         entropies.append(ent[mask].mean().item())
-    target = sorted(entropies)[2] + 0.3  # high-entropy tokens' mean sits above the all-token mean: gate flips
+    # the high-entropy tokens' mean sits above the all-token mean: a target that makes the gate flip
+    target = sorted(entropies)[2] + (0.3 if quantile < 1 else 0.0)
     config["entropy_target"] = target
     ref = make_trainer(GRPOTrainer, model_path, tmp_path / "trl", **config)
     ours = make_trainer(TraceGRPOTrainer, model_path, tmp_path / "ours", **config)

@@ -1,10 +1,12 @@
 """TRL integration: `TraceGRPOTrainer`, a drop-in `trl.GRPOTrainer` whose loss is `trace_loss` computed from
 hidden states and the LM-head weight, and `TraceGRPOConfig`, which turns it into TRACE.
 
-- With a plain `GRPOConfig` it is GRPO: the loss and its gradients equal TRL's own `_compute_loss` (loss
-  types grpo / bnpo / dr_grpo / dapo, beta, delta, gradient accumulation) within fp32 round-off, and
-  TRL's metrics (kl, entropy, clip_ratio/*) keep their meaning. Options whose loss it cannot reproduce
-  raise ValueError naming the option when the trainer is built (`trl_loss.unsupported_options`).
+- With a plain `GRPOConfig` it is GRPO: the loss and its gradients equal TRL's own `_compute_loss` (every
+  loss type, beta, delta, GSPO, OPSM, the entropy mask and bonus, the adaptive entropy controller, the MoE
+  aux loss, vLLM's importance sampling, gradient accumulation) within fp32 round-off, and TRL's metrics
+  keep their meaning; losses with no `trace_loss` term take one extra no-grad LM-head sweep
+  (`trl_loss.fused_path`). What it cannot reproduce (logit transforms, LM-head bias, vision-language
+  models) raises ValueError naming it when the trainer is built (`trl_loss.unsupported_options`).
 - With `TraceGRPOConfig` it is TRACE: while lambda > 0 an annotator marks key spans of correct rollouts
   and error spans of incorrect ones; the same model, given a privileged prompt and no gradient, is the
   teacher on rollouts with spans; forward KL on key spans and reverse KL on error spans join the GRPO
