@@ -19,7 +19,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from trl import GRPOTrainer  # noqa: E402
-from trl_setup import make_trainer, random_batch, save_tiny_model  # noqa: E402
+from trl_setup import loss_and_grads, make_trainer, random_batch, save_tiny_model  # noqa: E402
 
 from trace_train.integrations.trl import TraceGRPOTrainer  # noqa: E402
 
@@ -54,16 +54,6 @@ def moe_path(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
-
-
-def _loss_and_grads(trainer, inputs, accumulation):
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = accumulation
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer._compute_loss(trainer.model, {k: (v.clone() if torch.is_tensor(v) else v)
-                                                 for k, v in inputs.items()})
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 def _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, scale):
@@ -143,8 +133,8 @@ def test_option_loss_and_gradients_equal_trl(model_path, tmp_path, case):
     if extras.get("sampling"):  # vLLM's log-probs, which OPSM prefers; mostly negative advantages
         inputs["sampling_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
         inputs["advantages"] = -inputs["advantages"]
-    loss_ref, grads_ref = _loss_and_grads(ref, inputs, accumulation)
-    loss, grads = _loss_and_grads(ours, inputs, accumulation)
+    loss_ref, grads_ref = loss_and_grads(ref, inputs, accumulation)
+    loss, grads = loss_and_grads(ours, inputs, accumulation)
     _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, accumulation))
 
 
@@ -202,8 +192,8 @@ def test_vllm_importance_sampling_modes_equal_trl(model_path, tmp_path, mode, lo
     inputs.update(old_per_token_logps=old, sampling_per_token_logps=sampling, importance_sampling_ratio=ratio)
     if beta:
         inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
-    loss_ref, grads_ref = _loss_and_grads(ref, inputs, 1)
-    loss, grads = _loss_and_grads(ours, inputs, 1)
+    loss_ref, grads_ref = loss_and_grads(ref, inputs, 1)
+    loss, grads = loss_and_grads(ours, inputs, 1)
     _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, 1))
 
 
@@ -233,8 +223,8 @@ def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path, 
     gates = []
     for inputs in batches:
         gates.append(ref._last_world_entropy <= target)
-        loss_ref, grads_ref = _loss_and_grads(ref, inputs, 1)
-        loss, grads = _loss_and_grads(ours, inputs, 1)
+        loss_ref, grads_ref = loss_and_grads(ref, inputs, 1)
+        loss, grads = loss_and_grads(ours, inputs, 1)
         _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, 1))
         assert ours.entropy_coef == pytest.approx(ref.entropy_coef, abs=1e-12)
         assert ours._last_world_entropy == pytest.approx(ref._last_world_entropy, rel=1e-5)
@@ -256,8 +246,8 @@ def test_router_aux_loss_equal_trl(moe_path, tmp_path, loss_type, accumulation):
     inputs["old_per_token_logps"] = logp + 0.4 * torch.randn(logp.shape, generator=g)
     if config["beta"]:
         inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
-    loss_ref, grads_ref = _loss_and_grads(ref, inputs, accumulation)
-    loss, grads = _loss_and_grads(ours, inputs, accumulation)
+    loss_ref, grads_ref = loss_and_grads(ref, inputs, accumulation)
+    loss, grads = loss_and_grads(ours, inputs, accumulation)
     _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, accumulation))
     assert ours._metrics["train"]["aux_loss"][-1] > 0
     router = [n for n in grads_ref if "gate.weight" in n]

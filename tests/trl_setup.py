@@ -59,3 +59,14 @@ def random_batch(vocab: int, *, b: int = 4, p: int = 5, t: int = 7, seed: int = 
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                 completion_mask=completion_mask, advantages=torch.randn(b, generator=g),
                 num_items_in_batch=completion_mask.sum().float() * 2)
+
+
+def loss_and_grads(trainer, inputs, accumulation: int = 1):
+    """(loss, {name: grad}) of one `_compute_loss` call in training mode, as under `accumulation` steps."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = accumulation
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, {k: (v.clone() if torch.is_tensor(v) else v)
+                                                 for k, v in inputs.items()})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
