@@ -25,7 +25,8 @@ def digit_reward(completions, **kwargs):
     return [float(c[:1].isdigit()) for c in completions]
 
 
-def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, **config):
+def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, dtype=torch.float32,
+                 **config):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
@@ -35,7 +36,7 @@ def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, da
                     num_generations=2, max_completion_length=8, logging_steps=1, save_strategy="no", seed=0,
                     learning_rate=1e-3)
     args = config_cls(**{**defaults, **config})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path)
     rows = dataset_rows or {"prompt": PROMPTS}
     return cls(model=model, reward_funcs=digit_reward, args=args, train_dataset=Dataset.from_dict(rows),
