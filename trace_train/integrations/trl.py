@@ -259,7 +259,7 @@ class TraceGRPOTrainer(GRPOTrainer):
         with self.accelerator.autocast():
             if self._router_aux_loss is None:
                 hidden = self._completion_hidden(backbone, input_ids, attention_mask, t)
-            else:  # the MoE load-balancing loss, as the model's causal-LM forward computes it for TRL
+            else:  # the MoE load-balancing loss, as TRL's fused head computes it (trl_loss.router_aux_loss_fn)
                 hidden, out = self._completion_hidden(backbone, input_ids, attention_mask, t,
                                                       output_router_logits=True)
                 aux_loss = self._router_aux_loss(out.router_logits, attention_mask)
@@ -348,36 +348,39 @@ class TraceGRPOTrainer(GRPOTrainer):
                     hidden.reshape(-1, hidden.shape[-1]), weight, completion_ids.masked_fill(~mask, -100).reshape(-1),
                     self.temperature, return_entropy=True)
             logp0, entropy0 = logp0.view(mask.shape), entropy0.view(mask.shape)
-            if self.top_entropy_quantile < 1.0:  # TRL's own mask: the quantile over every rank's entropies
-                entropy_mask = self.get_high_entropy_mask(entropy0, mask, 1 - self.top_entropy_quantile)
+            if a.top_entropy_quantile < 1.0:  # TRL's own mask: the quantile over every rank's entropies
+                entropy_mask = self.get_high_entropy_mask(entropy0, mask, 1 - a.top_entropy_quantile)
                 extra["entropy_mask"] = entropy_mask
         entropy_w = None
         if self._entropy_bonus_enabled:  # a mean over the tokens the policy term acts on, as in TRL
             effective = mask.float() if entropy_mask is None else (mask & entropy_mask).float()
             extra["effective_mask"] = effective
             coef = self.entropy_coef
-            if self.use_adaptive_entropy:  # the coefficient and gate of the previous optimizer step
+            if a.use_adaptive_entropy:  # the coefficient and gate of the previous optimizer step
                 coef = coef if self._last_world_entropy <= a.entropy_target else 0.0
             if coef != 0.0:
                 entropy_w = -coef * effective / effective.sum().clamp(min=1.0) / accumulation
         if prepass:
             old_now = logp0 if old is None else old
             keep = phi = None
-            if self.off_policy_mask_threshold is not None:  # TRL's sequence mask, from the measured log-probs
+            if a.off_policy_mask_threshold is not None:  # TRL's sequence mask, from the measured log-probs
                 keep = self.get_off_policy_mask(advantages, logp0, inputs.get("sampling_per_token_logps", old_now),
-                                                mask.float(), self.off_policy_mask_threshold)
+                                                mask.float(), a.off_policy_mask_threshold)
             if self.loss_type == "vespo":  # TRL's detached gamma weights (vLLM's ratio folded in there)
                 phi = self.get_gamma_weights(advantages, logp0 - old_now, mask.float(),
                                              inputs.get("importance_sampling_ratio"), k_pos=a.vespo_k_pos,
                                              lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg,
                                              lambda_neg=a.vespo_lambda_neg)
                 extra["phi"] = phi
+            # the sapo options exist only in TRL versions that have sapo
+            sapo = {} if self.loss_type != "sapo" else dict(sapo_temperature_pos=a.sapo_temperature_pos,
+                                                            sapo_temperature_neg=a.sapo_temperature_neg)
             value, dlogp = prepass_coefficients(
                 logp0, pg_w, old, ref, advantages, beta=self.beta, eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high, delta=a.delta, bias_correction=a.use_bias_correction_kl,
                 is_ratio=None if self.loss_type == "vespo" else is_ratio, loss_type=self.loss_type,
-                level=self.importance_sampling_level, mask_BT=mask, sapo_temperature_pos=a.sapo_temperature_pos,
-                sapo_temperature_neg=a.sapo_temperature_neg, phi_B1=phi, keep_B1=keep, entropy_mask_BT=entropy_mask)
+                level=a.importance_sampling_level, mask_BT=mask, phi_B1=phi, keep_B1=keep,
+                entropy_mask_BT=entropy_mask, **sapo)
             dlogp = dlogp * mask
             out = self._prepass_loss_fn(hidden, weight, completion_ids, -dlogp, mask=mask,
                                         pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, **kl)
@@ -403,7 +406,8 @@ class TraceGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         advantages = advantages if advantages.dim() == 2 else advantages[:, None]
         old = inputs.get("old_per_token_logps")
-        coef_1 = torch.exp(importance_weights(logp, logp if old is None else old, mask, self.importance_sampling_level))
+        coef_1 = torch.exp(importance_weights(logp, logp if old is None else old, mask,
+                                              self.args.importance_sampling_level))
 
         def masked_seq_mean(x):
             if x.shape[1] == 1:  # sequence-level: one value per sequence already
@@ -425,7 +429,7 @@ class TraceGRPOTrainer(GRPOTrainer):
             per_window = self.loss_type in ("dapo", "cispo", "vespo")
             policy_loss = stats["policy_loss"] * (1.0 if per_window else accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-            if self.use_adaptive_entropy and mode == "train":
+            if self.args.use_adaptive_entropy and mode == "train":
                 self._adaptive_entropy_update(entropy, stats["effective_mask"])
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
