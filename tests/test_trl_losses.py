@@ -19,7 +19,7 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from trl import GRPOTrainer  # noqa: E402
-from trl_setup import loss_and_grads, make_trainer, random_batch, save_tiny_model  # noqa: E402
+from trl_setup import PROMPTS, loss_and_grads, make_trainer, random_batch, save_tiny_model  # noqa: E402
 
 from trace_train.integrations.trl import TraceGRPOTrainer  # noqa: E402
 
@@ -255,11 +255,13 @@ def test_router_aux_loss_equal_trl(moe_path, tmp_path, loss_type, accumulation):
 
 
 TIMING = ("time", "runtime", "per_second", "flos")
+CHAT_ROWS = {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]}
 RUNS = {  # a union of the options above, each trained a few steps by both trainers
-    "sapo-gspo-opsm-entropy": ("dense", dict(loss_type="sapo", importance_sampling_level="sequence",
-                                            off_policy_mask_threshold=0.02, top_entropy_quantile=0.5,
-                                            use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=5.0,
-                                            beta=0.04, num_iterations=2)),
+    # conversational prompts (the tokenizer's chat template), the dense model
+    "sapo-gspo-opsm-entropy": ("dense", dict(dataset_rows=CHAT_ROWS, loss_type="sapo",
+                                            importance_sampling_level="sequence", off_policy_mask_threshold=0.02,
+                                            top_entropy_quantile=0.5, use_adaptive_entropy=True, entropy_coef=0.01,
+                                            entropy_target=5.0, beta=0.04, num_iterations=2)),
     # SGD: Adam divides each entry by sqrt(v) + 1e-8, so the entries of experts that got almost no tokens
     # (gradients near round-off) move by amounts set by round-off; SGD's update is lr x the gradient.
     "cispo-moe-aux": ("moe", dict(loss_type="cispo", epsilon_high=1.2, router_aux_loss_coef=0.1,

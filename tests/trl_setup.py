@@ -11,8 +11,14 @@ from trace_train.model import build_char_tokenizer, build_tiny_model
 PROMPTS = ["2+3=", "7*6-1=", "9-4=", "1+1+1=", "8*2=", "5-7="]
 
 
+# A chat template for the character tokenizer, so that conversational prompt datasets work as with hub models.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+
+
 def save_tiny_model(folder, seed: int = 0) -> str:
     tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
     model = build_tiny_model(ModelConfig(tiny_layers=1, tiny_hidden=32, tiny_heads=2), tok, seed=seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
@@ -21,8 +27,10 @@ def save_tiny_model(folder, seed: int = 0) -> str:
 
 
 def digit_reward(completions, **kwargs):
-    """1 for a completion that starts with a digit, else 0: enough to give groups mixed rewards."""
-    return [float(c[:1].isdigit()) for c in completions]
+    """1 for a completion that starts with a digit, else 0: enough to give groups mixed rewards. Conversational
+    completions are lists of messages: their last message's text counts."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(t[:1].isdigit()) for t in texts]
 
 
 def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, dtype=torch.float32,
