@@ -270,6 +270,7 @@ RUNS = {  # a union of the options above, each trained a few steps by both train
 }
 
 
+@pytest.mark.cpu_outcome
 @pytest.mark.parametrize("run", list(RUNS))
 def test_few_steps_train_like_trl(model_path, moe_path, tmp_path, run):
     """Both trainers train 3 optimizer steps from the same model and seed: the same completions (TRL's own
