@@ -1,11 +1,13 @@
 """Every loss-changing `GRPOConfig` option of TRL 1.16 in `TraceGRPOTrainer`, against TRL's own
 `GRPOTrainer._compute_loss` on the same micro-batch (masked tokens, off-policy old log-probs).
 
-These options have no `trace_loss` term of their own and go through the prepass (trl_loss.fused_path):
-the log-probs measured without gradient, TRL's loss differentiated in closed form, then `trace_loss`
-on-policy. The two trainers compute the same sums in different orders, each term rounded once in fp32
-(eps 6e-8) over a few hundred summands, so ~1e-6 relative; we allow 2e-5 of each tensor's largest entry
-(as tests/test_trl_grpo.py). A wrong mask, weight, clip or normaliser is O(1) in some gradient entry.
+Most of these options have no `trace_loss` term of their own and go through the prepass
+(trl_loss.fused_path): the log-probs measured without gradient, TRL's loss differentiated in closed form,
+then `trace_loss` on-policy; vLLM's ratio without a KL term and the MoE aux loss stay in the fused pass.
+The two trainers compute the same sums in different orders, each term rounded once in fp32 (eps 6e-8)
+over a few hundred summands, so ~1e-6 relative (the largest measured over CASES: 1.0e-6); we allow 2e-5
+of each gradient's largest entry (as tests/test_trl_grpo.py), and of the loss or, where its terms cancel,
+of their size. A wrong mask, weight, clip or normaliser is O(1) in some gradient entry.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def moe_path(tmp_path_factory):
                             num_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
                             tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                             bos_token_id=None)
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Qwen3MoeForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
