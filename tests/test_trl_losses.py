@@ -59,6 +59,30 @@ def moe_path(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def gpt_oss_path(tmp_path_factory):
+    """A tiny GPT-OSS (4 experts, top 2, sliding and full attention, untied head), whose config enables the
+    aux loss by default (router_aux_loss_coef 0.001)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from trace_train.model import build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    tok = build_char_tokenizer()
+    config = GptOssConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                          sliding_window=8, max_position_embeddings=512, tie_word_embeddings=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GptOssForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, scale):
     """`scale`: the size of the loss's summands (mean |advantage| / accumulation): a sum of signed terms
     that cancel is rounded at the terms' size, not at the sum's."""
@@ -235,13 +259,16 @@ def test_adaptive_entropy_controller_equal_trl_over_steps(model_path, tmp_path, 
     assert len(set(ref._metrics["train"]["entropy_coef"])) > 1
 
 
-@pytest.mark.parametrize("loss_type,accumulation", [("grpo", 2), ("dapo", 1)])
-def test_router_aux_loss_equal_trl(moe_path, tmp_path, loss_type, accumulation):
-    """A Qwen3-MoE: TRL adds router_aux_loss_coef x the model's load-balancing loss (scaled for accumulation)."""
-    config = dict(loss_type=loss_type, router_aux_loss_coef=0.5, beta=0.04 if loss_type == "dapo" else 0.0,
+@pytest.mark.parametrize("family,loss_type,accumulation,coef", [("moe", "grpo", 2, 0.5), ("moe", "dapo", 1, 0.5),
+                                                                 ("gpt_oss", "grpo", 1, None)])
+def test_router_aux_loss_equal_trl(request, tmp_path, family, loss_type, accumulation, coef):
+    """Qwen3-MoE and GPT-OSS (its own default coefficient): TRL adds router_aux_loss_coef x the load-balancing
+    loss of the router logits (scaled for accumulation)."""
+    path = request.getfixturevalue(f"{family}_path")
+    config = dict(loss_type=loss_type, router_aux_loss_coef=coef, beta=0.04 if loss_type == "dapo" else 0.0,
                   use_bias_correction_kl=False)
-    ref = make_trainer(GRPOTrainer, moe_path, tmp_path / "trl", **config)
-    ours = make_trainer(TraceGRPOTrainer, moe_path, tmp_path / "ours", **config)
+    ref = make_trainer(GRPOTrainer, path, tmp_path / "trl", **config)
+    ours = make_trainer(TraceGRPOTrainer, path, tmp_path / "ours", **config)
     assert ref.aux_loss_enabled and ours.aux_loss_enabled
     inputs = random_batch(len(ours._tokenizer), seed=11)
     logp = _measured_logps(ref, inputs)
@@ -253,7 +280,7 @@ def test_router_aux_loss_equal_trl(moe_path, tmp_path, loss_type, accumulation):
     loss, grads = loss_and_grads(ours, inputs, accumulation)
     _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, _scale(inputs, accumulation))
     assert ours._metrics["train"]["aux_loss"][-1] > 0
-    router = [n for n in grads_ref if "gate.weight" in n]
+    router = [n for n in grads_ref if "gate.weight" in n or "router.weight" in n]
     assert router, "the router gets the aux loss's gradient"
 
 
