@@ -89,12 +89,13 @@ def test_lambda_zero_is_the_grpo_path_exactly(model_path, tmp_path):
     assert all(torch.equal(grads_g[n], grads_t[n]) for n in grads_g)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_span_kl_equals_trl_sdpo_full_logit_loss(model_path, tmp_path, direction):
+@pytest.mark.parametrize("direction,loss_type", [("forward", "grpo"), ("reverse", "grpo"),
+                                                 ("reverse", "sapo")])  # sapo: the prepass, KL in the same call
+def test_span_kl_equals_trl_sdpo_full_logit_loss(model_path, tmp_path, direction, loss_type):
     from trl.experimental.sdpo.loss_utils import compute_full_logit_self_distillation_loss
 
     lam, w0, temperature, accumulation = 0.3, 0.5, 0.9, 2
-    trainer = trace_trainer(model_path, tmp_path, loss_type="grpo", trace_kl_term_clip=None, trace_w0=w0,
+    trainer = trace_trainer(model_path, tmp_path, loss_type=loss_type, trace_kl_term_clip=None, trace_w0=w0,
                             temperature=temperature, trace_reverse_kl=True)
     inputs = trace_batch(len(trainer._tokenizer), lam)
     kind = FORWARD if direction == "forward" else REVERSE
@@ -116,8 +117,8 @@ def test_span_kl_equals_trl_sdpo_full_logit_loss(model_path, tmp_path, direction
     logp = torch.log_softmax(student, -1).gather(-1, inputs["completion_ids"][..., None])[..., 0]
     span = inputs["trace_span"].long() * mask
     pg = trl_token_loss(logp, logp.detach(), None, inputs["advantages"][:, None], beta=0.0, eps_low=0.2,
-                        eps_high=0.2, delta=None, bias_correction=False)
-    w = pg_weights("grpo", mask, accumulation=accumulation, max_completion_length=None, num_items_in_batch=None,
+                        eps_high=0.2, delta=None, bias_correction=False, loss_type=loss_type)
+    w = pg_weights(loss_type, mask, accumulation=accumulation, max_completion_length=None, num_items_in_batch=None,
                    num_processes=1, steps_per_generation=1, training=True)
     w = torch.where(span > 0, w * (1 - lam / w0), w)
     kl_w = lam / (mask.shape[0] * accumulation * mask.sum(-1, keepdim=True).float())

@@ -11,8 +11,14 @@ from trace_train.model import build_char_tokenizer, build_tiny_model
 PROMPTS = ["2+3=", "7*6-1=", "9-4=", "1+1+1=", "8*2=", "5-7="]
 
 
+# A chat template for the character tokenizer, so that conversational prompt datasets work as with hub models.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}a:{% endif %}")
+
+
 def save_tiny_model(folder, seed: int = 0) -> str:
     tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
     model = build_tiny_model(ModelConfig(tiny_layers=1, tiny_hidden=32, tiny_heads=2), tok, seed=seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)
@@ -21,11 +27,14 @@ def save_tiny_model(folder, seed: int = 0) -> str:
 
 
 def digit_reward(completions, **kwargs):
-    """1 for a completion that starts with a digit, else 0: enough to give groups mixed rewards."""
-    return [float(c[:1].isdigit()) for c in completions]
+    """1 for a completion that starts with a digit, else 0: enough to give groups mixed rewards. Conversational
+    completions are lists of messages: their last message's text counts."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(t[:1].isdigit()) for t in texts]
 
 
-def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, **config):
+def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, dataset_rows=None, dtype=torch.float32,
+                 **config):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
@@ -35,7 +44,7 @@ def make_trainer(cls, path, out_dir, *, config_cls=None, trainer_kwargs=None, da
                     num_generations=2, max_completion_length=8, logging_steps=1, save_strategy="no", seed=0,
                     learning_rate=1e-3)
     args = config_cls(**{**defaults, **config})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path)
     rows = dataset_rows or {"prompt": PROMPTS}
     return cls(model=model, reward_funcs=digit_reward, args=args, train_dataset=Dataset.from_dict(rows),
@@ -59,3 +68,14 @@ def random_batch(vocab: int, *, b: int = 4, p: int = 5, t: int = 7, seed: int = 
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                 completion_mask=completion_mask, advantages=torch.randn(b, generator=g),
                 num_items_in_batch=completion_mask.sum().float() * 2)
+
+
+def loss_and_grads(trainer, inputs, accumulation: int = 1):
+    """(loss, {name: grad}) of one `_compute_loss` call in training mode, as under `accumulation` steps."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = accumulation
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, {k: (v.clone() if torch.is_tensor(v) else v)
+                                                 for k, v in inputs.items()})
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

@@ -1,10 +1,12 @@
 """TRL integration: `TraceGRPOTrainer`, a drop-in `trl.GRPOTrainer` whose loss is `trace_loss` computed from
 hidden states and the LM-head weight, and `TraceGRPOConfig`, which turns it into TRACE.
 
-- With a plain `GRPOConfig` it is GRPO: the loss and its gradients equal TRL's own `_compute_loss` (loss
-  types grpo / bnpo / dr_grpo / dapo, beta, delta, gradient accumulation) within fp32 round-off, and
-  TRL's metrics (kl, entropy, clip_ratio/*) keep their meaning. Options whose loss it cannot reproduce
-  raise ValueError naming the option when the trainer is built (`trl_loss.unsupported_options`).
+- With a plain `GRPOConfig` it is GRPO: the loss and its gradients equal TRL's own `_compute_loss` (every
+  loss type, beta, delta, GSPO, OPSM, the entropy mask and bonus, the adaptive entropy controller, the MoE
+  aux loss, vLLM's importance sampling, gradient accumulation) within fp32 round-off, and TRL's metrics
+  keep their meaning; losses with no `trace_loss` term take one extra no-grad LM-head sweep
+  (`trl_loss.fused_path`). What it cannot reproduce (logit transforms, LM-head bias, vision-language
+  models) raises ValueError naming it when the trainer is built (`trl_loss.unsupported_options`).
 - With `TraceGRPOConfig` it is TRACE: while lambda > 0 an annotator marks key spans of correct rollouts
   and error spans of incorrect ones; the same model, given a privileged prompt and no gradient, is the
   teacher on rollouts with spans; forward KL on key spans and reverse KL on error spans join the GRPO
@@ -31,7 +33,14 @@ import trace_kernels as tk
 from ..annotate import Job
 from ..model import char_to_token_spans, token_char_offsets
 from ..routing import cap_spans, lambda_at
-from .trl_loss import pg_weights, prepass_coefficients, unsupported_options
+from .trl_loss import (
+    fused_path,
+    importance_weights,
+    pg_weights,
+    prepass_coefficients,
+    router_aux_loss_fn,
+    unsupported_options,
+)
 
 FORWARD, REVERSE = 1, 2  # span kinds in the per-token `trace_span` tensor
 
@@ -118,13 +127,14 @@ class TraceGRPOTrainer(GRPOTrainer):
             raise ValueError("TraceGRPOTrainer cannot compute this loss: " + "; ".join(errors))
         self.annotator, self.privileged_prompt = annotator, privileged_prompt
         self._forward_redirection = _ForwardRedirection()
+        self._router_aux_loss = router_aux_loss_fn(hf_model) if self.aux_loss_enabled else None
         self._trace_stash = None
         a = self.args
         self._loss_fn = tk.TraceLoss(beta=self.beta, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                                      dual_clip=a.delta, temperature=self.temperature,
                                      kl_term_clip=a.trace_kl_term_clip if self._trace else None,
                                      kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
-        # TRL's bias-corrected k3 (x ratio) has no trace_loss term: that case goes through the prepass.
+        # Losses with no trace_loss term of their own go through the prepass (trl_loss.fused_path).
         self._prepass_loss_fn = tk.TraceLoss(beta=0.0, temperature=self.temperature,
                                              kl_term_clip=a.trace_kl_term_clip if self._trace else None,
                                              kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
@@ -230,10 +240,11 @@ class TraceGRPOTrainer(GRPOTrainer):
         return loss
 
     @staticmethod
-    def _completion_hidden(backbone, input_ids, attention_mask, t: int) -> torch.Tensor:
-        """[B, T, H] hidden states of the positions that predict the T completion tokens."""
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state[:, -t - 1:-1]
+    def _completion_hidden(backbone, input_ids, attention_mask, t: int, **kwargs) -> torch.Tensor:
+        """[B, T, H] hidden states of the positions that predict the T completion tokens (and the backbone's
+        output, with kwargs such as output_router_logits)."""
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return (out.last_hidden_state[:, -t - 1:-1], out) if kwargs else out.last_hidden_state[:, -t - 1:-1]
 
     def _loss_in_forward(self, unwrapped, inputs):
         hf_model = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
@@ -244,8 +255,14 @@ class TraceGRPOTrainer(GRPOTrainer):
         b, t = completion_ids.shape
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        aux_loss = None
         with self.accelerator.autocast():
-            hidden = self._completion_hidden(backbone, input_ids, attention_mask, t)
+            if self._router_aux_loss is None:
+                hidden = self._completion_hidden(backbone, input_ids, attention_mask, t)
+            else:  # the MoE load-balancing loss, as TRL's fused head computes it (trl_loss.router_aux_loss_fn)
+                hidden, out = self._completion_hidden(backbone, input_ids, attention_mask, t,
+                                                      output_router_logits=True)
+                aux_loss = self._router_aux_loss(out.router_logits, attention_mask)
         weight = hf_model.get_output_embeddings().weight
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once, differentiably
             weight = weight.full_tensor()
@@ -254,17 +271,26 @@ class TraceGRPOTrainer(GRPOTrainer):
         teacher = self._teacher_rows(backbone, inputs, mask, t, hidden.dtype)
         with maybe_gather_lm_head_ctx(weight):
             w = weight.float() if self.args.cast_lm_head_to_fp32 else weight.to(hidden.dtype)
-            loss, out, entropy_w = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
+            loss, out, entropy_w, extra = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
         # The policy part of the loss (TRL logs it with an entropy bonus): the total less the KL and entropy terms.
-        other = torch.zeros((), device=loss.device)
+        other = self._entropy_and_kl_value(out, entropy_w, teacher)
+        stats = dict(logprobs=out.logprobs, entropy=out.entropy, fkl=out.fkl, rkl=out.rkl,
+                     kinds=None if teacher is None else teacher["kinds"], mask=mask,
+                     policy_loss=loss.detach() - other, aux_loss=aux_loss, **extra)
+        if aux_loss is not None:  # TRL scales it for accumulation like the policy loss, after the entropy bonus
+            accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+        return loss, stats
+
+    @staticmethod
+    def _entropy_and_kl_value(out, entropy_w, teacher) -> torch.Tensor:
+        """The (detached) value of the loss's entropy-bonus and teacher-KL terms."""
+        other = torch.zeros((), device=out.loss.device)
         if entropy_w is not None:
             other = other + (entropy_w * out.entropy).sum()
         if teacher is not None:
             other = other + (teacher["fkl_weight"] * out.fkl).sum() + (teacher["rkl_weight"] * out.rkl).sum()
-        stats = dict(logprobs=out.logprobs, entropy=out.entropy, fkl=out.fkl, rkl=out.rkl,
-                     kinds=None if teacher is None else teacher["kinds"], mask=mask,
-                     policy_loss=loss.detach() - other)
-        return loss, stats
+        return other
 
     def _teacher_rows(self, backbone, inputs, mask_BT, t, dtype):
         """Teacher hidden states [M, H] of the span tokens, their flat student rows and KL weights, or None.
@@ -293,21 +319,18 @@ class TraceGRPOTrainer(GRPOTrainer):
                     rkl_weight=torch.where(kinds == REVERSE, kl_w, 0.0))
 
     def _trace_loss(self, hidden, weight, completion_ids, mask, inputs, teacher):
+        a = self.args
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1.0
         pg_w = pg_weights(self.loss_type, mask, accumulation=accumulation,
                           max_completion_length=self.max_completion_length,
                           num_items_in_batch=inputs.get("num_items_in_batch"),
                           num_processes=self.accelerator.num_processes,
-                          steps_per_generation=self.args.steps_per_generation, training=training)
+                          steps_per_generation=a.steps_per_generation, training=training)
         if teacher is not None:
             scale = torch.ones_like(pg_w).reshape(-1)
-            scale[teacher["kl_index"]] = 1.0 - teacher["lam"] / self.args.trace_w0
+            scale[teacher["kl_index"]] = 1.0 - teacher["lam"] / a.trace_w0
             pg_w = pg_w * scale.reshape(pg_w.shape)
-        entropy_w = None
-        if self.entropy_coef != 0.0:
-            maskf = mask.float()
-            entropy_w = -self.entropy_coef * maskf / maskf.sum().clamp(min=1.0) / accumulation
         is_ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
             is_ratio = inputs["importance_sampling_ratio"]
@@ -316,27 +339,66 @@ class TraceGRPOTrainer(GRPOTrainer):
         old, ref = inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps")
         kl = {} if teacher is None else dict(teacher_hidden=teacher["hidden"], kl_index=teacher["kl_index"],
                                              fkl_weight=teacher["fkl_weight"], rkl_weight=teacher["rkl_weight"])
-        if self.beta != 0.0 and (self.args.use_bias_correction_kl or is_ratio is not None):
+        prepass = not fused_path(a, beta=self.beta, is_ratio=is_ratio is not None)
+        extra = {}
+        entropy_mask = None
+        if prepass:
             with torch.no_grad():
-                logp0 = tk.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                          completion_ids.masked_fill(~mask, -100).reshape(-1), self.temperature)
+                logp0, entropy0 = tk.token_logprobs(
+                    hidden.reshape(-1, hidden.shape[-1]), weight, completion_ids.masked_fill(~mask, -100).reshape(-1),
+                    self.temperature, return_entropy=True)
+            logp0, entropy0 = logp0.view(mask.shape), entropy0.view(mask.shape)
+            if a.top_entropy_quantile < 1.0:  # TRL's own mask: the quantile over every rank's entropies
+                entropy_mask = self.get_high_entropy_mask(entropy0, mask, 1 - a.top_entropy_quantile)
+                extra["entropy_mask"] = entropy_mask
+        entropy_w = None
+        if self._entropy_bonus_enabled:  # a mean over the tokens the policy term acts on, as in TRL
+            effective = mask.float() if entropy_mask is None else (mask & entropy_mask).float()
+            extra["effective_mask"] = effective
+            coef = self.entropy_coef
+            if a.use_adaptive_entropy:  # the coefficient and gate of the previous optimizer step
+                coef = coef if self._last_world_entropy <= a.entropy_target else 0.0
+            if coef != 0.0:
+                entropy_w = -coef * effective / effective.sum().clamp(min=1.0) / accumulation
+        if prepass:
+            old_now = logp0 if old is None else old
+            keep = phi = None
+            if a.off_policy_mask_threshold is not None:  # TRL's sequence mask, from the measured log-probs
+                keep = self.get_off_policy_mask(advantages, logp0, inputs.get("sampling_per_token_logps", old_now),
+                                                mask.float(), a.off_policy_mask_threshold)
+            if self.loss_type == "vespo":  # TRL's detached gamma weights (vLLM's ratio folded in there)
+                phi = self.get_gamma_weights(advantages, logp0 - old_now, mask.float(),
+                                             inputs.get("importance_sampling_ratio"), k_pos=a.vespo_k_pos,
+                                             lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg,
+                                             lambda_neg=a.vespo_lambda_neg)
+                extra["phi"] = phi
+            # the sapo options exist only in TRL versions that have sapo
+            sapo = {} if self.loss_type != "sapo" else dict(sapo_temperature_pos=a.sapo_temperature_pos,
+                                                            sapo_temperature_neg=a.sapo_temperature_neg)
             value, dlogp = prepass_coefficients(
-                logp0.view(mask.shape), pg_w, old, ref, advantages, beta=self.beta, eps_low=self.epsilon_low,
-                eps_high=self.epsilon_high, delta=self.args.delta, bias_correction=self.args.use_bias_correction_kl,
-                is_ratio=is_ratio)
+                logp0, pg_w, old, ref, advantages, beta=self.beta, eps_low=self.epsilon_low,
+                eps_high=self.epsilon_high, delta=a.delta, bias_correction=a.use_bias_correction_kl,
+                is_ratio=None if self.loss_type == "vespo" else is_ratio, loss_type=self.loss_type,
+                level=a.importance_sampling_level, mask_BT=mask, phi_B1=phi, keep_B1=keep,
+                entropy_mask_BT=entropy_mask, **sapo)
             dlogp = dlogp * mask
             out = self._prepass_loss_fn(hidden, weight, completion_ids, -dlogp, mask=mask,
                                         pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, **kl)
-            return out.loss + (value - dlogp.sum()), out, entropy_w
+            # The value: TRL's loss at the measured log-probs plus the entropy and KL terms, summed apart from
+            # the stand-in policy term (whose own value, sum(dlogp), would only add round-off); the gradient is
+            # out.loss's.
+            value = value + self._entropy_and_kl_value(out, entropy_w, teacher)
+            return value + (out.loss - out.loss.detach()), out, entropy_w, extra
         if is_ratio is not None:
             pg_w = pg_w * is_ratio
         out = self._loss_fn(hidden, weight, completion_ids, advantages.expand(mask.shape), mask=mask, pg_weight=pg_w,
                             old_logprobs=old, ref_logprobs=ref if self.beta != 0.0 else None,
                             entropy_weight=entropy_w, **kl)
-        return out.loss, out, entropy_w
+        return out.loss, out, entropy_w, extra
 
     def _log_loss_metrics(self, inputs, stats):
-        """TRL's loss metrics (same names and meaning), from the detached log-probs, plus TRACE's KLs."""
+        """TRL's loss metrics (same names and meaning), from the detached log-probs, plus TRACE's KLs; and the
+        adaptive entropy controller's update, as TRL makes it."""
         mode = "train" if self.model.training else "eval"
         mask = stats["mask"]
         maskf = mask.float()
@@ -344,23 +406,36 @@ class TraceGRPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         advantages = advantages if advantages.dim() == 2 else advantages[:, None]
         old = inputs.get("old_per_token_logps")
-        coef_1 = torch.exp(logp - (logp if old is None else old))
+        coef_1 = torch.exp(importance_weights(logp, logp if old is None else old, mask,
+                                              self.args.importance_sampling_level))
 
         def masked_seq_mean(x):
+            if x.shape[1] == 1:  # sequence-level: one value per sequence already
+                return x.squeeze(1)
             return (x * maskf).sum(-1) / maskf.sum(-1)
 
         def global_masked_mean(x, m=maskf):
-            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum().float()]), reduction="sum")
+            if x.dim() == 2 and x.shape[1] == 1:  # as TRL: [B, 1] is one value per sequence
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * m).sum(), m.sum().float()])
+            totals = self.accelerator.reduce(local, reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         if self._entropy_bonus_enabled:
             # TRL logs the policy loss before the accumulation division for the per-sequence / per-batch means,
-            # after it for dapo (its normaliser includes the accumulation).
+            # after it for the num_items_in_batch normalisers (they include the accumulation).
             accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
-            policy_loss = stats["policy_loss"] * (1.0 if self.loss_type == "dapo" else accumulation)
+            per_window = self.loss_type in ("dapo", "cispo", "vespo")
+            policy_loss = stats["policy_loss"] * (1.0 if per_window else accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if self.args.use_adaptive_entropy and mode == "train":
+                self._adaptive_entropy_update(entropy, stats["effective_mask"])
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if stats["aux_loss"] is not None:
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(stats["aux_loss"].detach()).mean().item())
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
@@ -368,14 +443,23 @@ class TraceGRPOTrainer(GRPOTrainer):
                 per_token_kl = per_token_kl * coef_1
             self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
         self._metrics[mode]["entropy"].append(global_masked_mean(entropy))
-        is_low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
-        is_high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
-        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low))
-        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(is_high))
-        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(is_low, is_high)))
-        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(is_low))).item())
-        self._metrics[mode]["clip_ratio/high_max"].append(
-            nanmax(self.accelerator.gather(masked_seq_mean(is_high))).item())
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            if self.args.delta is not None:  # TRL counts clipped tokens on the ratio after its delta cap
+                coef_1 = torch.clamp(coef_1, max=self.args.delta)
+            is_low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
+            is_high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(is_low))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(is_high))
+            self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(is_low, is_high)))
+            self._metrics[mode]["clip_ratio/low_min"].append(
+                nanmin(self.accelerator.gather(masked_seq_mean(is_low))).item())
+            self._metrics[mode]["clip_ratio/high_max"].append(
+                nanmax(self.accelerator.gather(masked_seq_mean(is_high))).item())
+        elif self.loss_type == "cispo":
+            clipped = ((coef_1 > self.epsilon_high) & (advantages > 0)).float()
+            self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped))
+        elif self.loss_type == "vespo":
+            self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(stats["phi"]))
         if self._trace:
             kinds = stats["kinds"]
             for name, kind in (("fkl", FORWARD), ("rkl", REVERSE)):
@@ -385,3 +469,21 @@ class TraceGRPOTrainer(GRPOTrainer):
                 else:
                     values, sel = stats[name], (kinds == kind).float()
                 self._metrics[mode][f"trace/{name}"].append(global_masked_mean(values, sel))
+
+    def _adaptive_entropy_update(self, entropy_BT, effective_BT):
+        """TRL's controller: the entropy of the whole accumulation window (every rank, token-weighted) moves
+        entropy_coef by entropy_coef_delta towards raising entropy below the target, lowering it above."""
+        a = self.args
+        window = torch.stack([(entropy_BT * effective_BT).sum(), effective_BT.sum()]).detach()
+        self._entropy_window_stats = window if self._entropy_window_stats is None \
+            else self._entropy_window_stats + window
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+        if world_entropy <= a.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
