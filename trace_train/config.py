@@ -106,7 +106,7 @@ class ModelConfig:
     compute_dtype: str = ""  # FSDP mixed precision: parameters cast to this for compute ("bfloat16"); "": dtype
     activation_checkpointing: bool = False
     # auto | eager | sdpa | flex_attention | flash_attention_2 | flash_attention_3 (auto: flash-attn 2 on CUDA when
-    # it imports, else sdpa; eager for a model with attention softcapping, which sdpa cannot apply)
+    # it imports and the compute dtype is 16-bit, else sdpa; eager for a model with attention softcapping)
     attn_implementation: str = "auto"
 
 

@@ -121,11 +121,11 @@ def main(argv=None) -> int:
     if missing:  # before anything loads: one line, exit status 2
         print(f"--engine vllm: {'; '.join(missing)} (use --engine hf or auto)", file=sys.stderr)
         return 2
-    if a.model and os.path.isdir(a.model):  # a kernel this machine or model cannot run: one line, status 2
+    if os.path.isdir(a.model):  # an attention kernel this machine or model cannot run, an unknown MoE aux loss
         try:
             check_model_config(ModelConfig(path=a.model, dtype=a.dtype, attn_implementation=a.attn_implementation))
         except ValueError as e:
-            print(f"--attn-implementation: {e}", file=sys.stderr)
+            print(f"model error: {e}", file=sys.stderr)  # one line, before anything loads: exit status 2
             return 2
     if a.files:  # data errors before the model loads: one line, exit status 2
         try:
