@@ -81,8 +81,7 @@ TWO_STEPS = ["train.max_steps=2", "train.prompts_per_step=2", "train.rollouts_pe
              "train.lr=1e-2", "trace.hold_steps=0", "train.checkpoint_every=2"]
 
 
-@pytest.mark.job
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)  # ~15 s for the four on 2 shared cores (the first pays the imports)
 def test_family_trains_two_steps(family, tmp_path, monkeypatch):
     from trace_train.train import run
 
