@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test pytest test-jobs test-other-cpu wheel-check gpu-dry-run test-heavy test-triton36 test-vllm test-verl \
-	demo study bench bench-memory lint clean
+.PHONY: test pytest bench-smoke test-jobs test-other-cpu wheel-check gpu-dry-run test-heavy test-triton36 test-vllm \
+	test-verl demo study bench bench-memory bench-pytest lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,bench,train,trl,report]"
 	touch $(STAMP)
 
-test: pytest test-other-cpu wheel-check gpu-dry-run
+test: pytest bench-smoke test-other-cpu wheel-check gpu-dry-run
 
 pytest: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m "not job and not heavy" tests
@@ -111,6 +111,21 @@ bench: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) -m benchmarks.memory_cpu
+
+# The suite under pytest-benchmark (benchmarks/test_loss_bench.py; the same cases, implementations and fp64 check as
+# `make bench`): every run saved as the next numbered JSON in $(BENCH_STORAGE)/<machine>/ (the history that
+# `--benchmark-compare` reads, docs/benchmarks.md) and as $(BENCH_STORAGE)/latest.json. The shape and rows: BENCH_*
+# variables (defaults: the quick CPU run, N 2048, H 128, V 8192); BENCH_ARGS: more pytest arguments.
+BENCH_STORAGE ?= benchmarks/out/pytest-benchmark
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q -rs benchmarks/test_loss_bench.py --benchmark-only --benchmark-storage=file://$(BENCH_STORAGE) \
+		--benchmark-autosave --benchmark-json=$(BENCH_STORAGE)/latest.json --benchmark-group-by=param:case $(BENCH_ARGS)
+
+# make test's run of the pytest-benchmark suite: one case, its fp64 check and one untimed forward+backward
+# (--benchmark-disable), at a small shape, so that the suite cannot rot between benchmark runs (seconds).
+bench-smoke: $(STAMP)
+	BENCH_N=512 BENCH_V=1000 $(PY) -m pytest -q --benchmark-disable \
+		"benchmarks/test_loss_bench.py::test_loss_forward_backward[trace_torch-trace]"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

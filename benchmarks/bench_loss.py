@@ -100,9 +100,9 @@ def knobs(args):
     return stack
 
 
-def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, dtype: torch.dtype,
-            repeats: int) -> dict:
-    """Median time and peak extra memory of forward+backward, in this process."""
+def forward_backward(name: str, case: str, n: int, h: int, v: int, m: int, device: str, dtype: torch.dtype):
+    """(problem, once): once() -> loss, one forward+backward of `name` on a fresh problem of the case (gradients
+    reset first, CUDA synchronised after), what the suite times."""
     p = make_problem(case, n, h, v, m, dtype=dtype, device=device)
     step = IMPLS[name].build(p)
 
@@ -112,7 +112,17 @@ def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, d
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        return loss.item()
+        return loss.detach()
+    return p, once
+
+
+def measure(name: str, case: str, n: int, h: int, v: int, m: int, device: str, dtype: torch.dtype,
+            repeats: int) -> dict:
+    """Median time and peak extra memory of forward+backward, in this process."""
+    p, step = forward_backward(name, case, n, h, v, m, device, dtype)
+
+    def once():
+        return step().item()
 
     gc.collect()
     if device == "cpu":

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -32,6 +33,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "model.dtype": ("bfloat16", []),
     "model.compute_dtype": ("bfloat16", []),
     "model.activation_checkpointing": ("true", []),
+    "model.attn_implementation": ("eager", []),  # sdpa: tests/test_model_families.py; flex, flash: REFUSED on the CPU
     "data.task": ("math", MATH[1:]),
     "data.train_files": ("{math}", MATH[:1] + MATH[2:]),
     "data.eval_files": ("{math}", MATH + ["train.eval_k=2"]),
@@ -120,6 +122,14 @@ REFUSED: list[tuple[list[str], str, bool]] = [
     (["data.task=math"], "data.train_files", True),
     (["data.task=math", "data.train_files=x.jsonl"], "trace.annotator=rule", True),
     (["data.eval_files=x.jsonl"], "data.eval_files", True),
+    # flex_attention has no backward on the CPU, flash-attn no wheel for this machine: refused here
+    # (test_model_families.py checks the package and dtype conditions)
+    (["model.attn_implementation=flex_attention"], "model.attn_implementation = 'flex_attention' needs a CUDA",
+     not torch.cuda.is_available()),
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation = 'flash_attention_2' needs",
+     not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None),
+    (["model.attn_implementation=flash_attention_3"], "model.attn_implementation = 'flash_attention_3' needs",
+     not torch.cuda.is_available() or importlib.util.find_spec("flash_attn_interface") is None),
 ]
 
 

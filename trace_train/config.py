@@ -23,6 +23,12 @@ from .mismatch import IS_MODES
 ALGORITHMS = ("grpo", "trace", "opd_all")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# transformers' attention kernels (its attn_implementation); auto: trace_train.model.resolve_attn_implementation
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+# The kernels that need CUDA, and what else: (the module transformers imports, its pip name), or None (torch's own
+# flex_attention, which has no backward on the CPU).
+ATTN_NEEDS = {"flex_attention": None, "flash_attention_2": ("flash_attn", "flash-attn"),
+              "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
 INF = float("inf")
 
 # The range of every numeric key: (low, low included, high, high included). A key missing here fails
@@ -99,6 +105,29 @@ class ModelConfig:
     dtype: str = "float32"  # the parameters' dtype (FSDP keeps fp32 masters; "bfloat16" without FSDP on GPUs)
     compute_dtype: str = ""  # FSDP mixed precision: parameters cast to this for compute ("bfloat16"); "": dtype
     activation_checkpointing: bool = False
+    # auto | eager | sdpa | flex_attention | flash_attention_2 | flash_attention_3 (auto: flash-attn 2 on CUDA when
+    # it imports and the compute dtype is 16-bit, else sdpa; eager for a model with attention softcapping)
+    attn_implementation: str = "auto"
+
+
+def attn_missing(impl: str, compute_dtype: str) -> str | None:
+    """Why model.attn_implementation = impl cannot run on this machine at this compute dtype (None: it can)."""
+    if impl not in ATTN_NEEDS:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        why = " (torch's flex_attention has no backward on the CPU)" if impl == "flex_attention" else ""
+        return f"model.attn_implementation = {impl!r} needs a CUDA device{why} (use auto, sdpa or eager)"
+    if ATTN_NEEDS[impl] is None:
+        return None
+    module, package = ATTN_NEEDS[impl]
+    if importlib.util.find_spec(module) is None:
+        return f"model.attn_implementation = {impl!r} needs {package} (pip install {package}; or use auto or sdpa)"
+    if compute_dtype not in ("bfloat16", "float16"):
+        return (f"model.attn_implementation = {impl!r} runs in bfloat16 / float16, not {compute_dtype} (set "
+                f"model.compute_dtype or model.dtype to bfloat16; or use auto or sdpa)")
+    return None
 
 
 @dataclass
@@ -243,6 +272,12 @@ class Config:
             raise ValueError(f"model.dtype: unknown {self.model.dtype!r} ({' | '.join(DTYPES)})")
         if self.model.compute_dtype not in ("",) + DTYPES:
             raise ValueError(f"model.compute_dtype: unknown {self.model.compute_dtype!r} ('' | {' | '.join(DTYPES)})")
+        if self.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation: unknown {self.model.attn_implementation!r} "
+                             f"({' | '.join(ATTN_IMPLEMENTATIONS)})")
+        missing = attn_missing(self.model.attn_implementation, self.model.compute_dtype or self.model.dtype)
+        if missing:
+            raise ValueError(missing)
         rollouts = self.train.prompts_per_step * self.train.rollouts_per_prompt
         if self.train.mini_batches > rollouts:
             raise ValueError(f"train.mini_batches ({self.train.mini_batches}) must be at most the rollouts of a step "
@@ -281,6 +316,10 @@ class Config:
         if annotating and tc.annotator == "api" and not (tc.api_base_url and tc.api_model):
             missing = "trace.api_base_url" if not tc.api_base_url else "trace.api_model"
             raise ValueError(f"trace.annotator = api needs {missing} (an OpenAI-compatible endpoint and its model)")
+        if self.model.path:  # the model's own config: attention softcapping refuses sdpa, an unknown MoE aux loss
+            from .model import check_model_config
+
+            check_model_config(self.model)
         return self
 
 
@@ -360,17 +399,25 @@ def _toml_value(v) -> str:
     return json.dumps(v)  # a JSON string is a valid TOML basic string
 
 
-def config_text(cfg: Config) -> str:
-    """The resolved config as TOML (what save_config writes; load_config reads it back to an equal Config)."""
+def config_text(cfg: Config, resolved: dict[str, str] | None = None) -> str:
+    """The resolved config as TOML (what save_config writes; load_config reads it back to an equal Config).
+    resolved: what a run chose for a key ("section.key": value, e.g. the attention kernel of auto), written as
+    a comment after the key where it differs from the value (the file stays the portable config)."""
+    resolved = resolved or {}
     lines = []
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+            value = getattr(getattr(cfg, section.name), f.name)
+            line = f"{f.name} = {_toml_value(value)}"
+            chosen = resolved.get(f"{section.name}.{f.name}")
+            if chosen is not None and chosen != value:
+                line += f"  # this run: {_toml_value(chosen)}"
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg: Config, path: str, resolved: dict[str, str] | None = None) -> None:
     with open(path, "w") as fh:
-        fh.write(config_text(cfg))
+        fh.write(config_text(cfg, resolved))

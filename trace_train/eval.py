@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
 
 from .checkpoint import write_json_atomic
-from .config import ModelConfig
+from .config import ATTN_IMPLEMENTATIONS, ModelConfig
 from .dist import Dist, init_distributed, shutdown
-from .model import load_policy
+from .model import check_model_config, load_policy
 from .policy import Policy
 from .rollout import Sampling, make_engine, vllm_missing
 from .tasks import ArithTask, DataError, Example, MathTask, Task
@@ -90,8 +91,8 @@ def summarize(rewards: list[float], lengths: list[int], finished: list[bool], pr
             "truncated": 1.0 - sum(finished) / len(finished)}
 
 
-def load_for_eval(path: str, dtype: str = "float32", device=None):
-    model, tok = load_policy(ModelConfig(path=path, dtype=dtype))
+def load_for_eval(path: str, dtype: str = "float32", device=None, attn_implementation: str = "auto"):
+    model, tok = load_policy(ModelConfig(path=path, dtype=dtype, attn_implementation=attn_implementation))
     policy = Policy(model).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return policy, tok
 
@@ -112,12 +113,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--engine", default="auto", choices=("auto", "hf", "vllm"))
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS,
+                   help="transformers' attention kernel (auto: as trace-train's model.attn_implementation = auto)")
     p.add_argument("--out", help="write the scores here as JSON")
     a = p.parse_args(argv)
     missing = vllm_missing(a.model) if a.engine == "vllm" else []
     if missing:  # before anything loads: one line, exit status 2
         print(f"--engine vllm: {'; '.join(missing)} (use --engine hf or auto)", file=sys.stderr)
         return 2
+    if os.path.isdir(a.model):  # an attention kernel this machine or model cannot run, an unknown MoE aux loss
+        try:
+            check_model_config(ModelConfig(path=a.model, dtype=a.dtype, attn_implementation=a.attn_implementation))
+        except ValueError as e:
+            print(f"model error: {e}", file=sys.stderr)  # one line, before anything loads: exit status 2
+            return 2
     if a.files:  # data errors before the model loads: one line, exit status 2
         try:
             task = MathTask(a.files)
@@ -127,7 +136,7 @@ def main(argv=None) -> int:
     d = init_distributed()
     engine = None
     try:
-        policy, tok = load_for_eval(a.model, a.dtype, d.device)
+        policy, tok = load_for_eval(a.model, a.dtype, d.device, a.attn_implementation)
         sampling = Sampling(a.max_new_tokens, a.temperature, a.top_k, a.top_p)
         engine = make_engine(a.engine, policy, tok, sampling, synced=False, model_path=a.model, dtype=a.dtype)
         if a.files:
@@ -138,6 +147,7 @@ def main(argv=None) -> int:
             task = ArithTask(int(lo), int(hi or lo))
             examples = task.examples(a.seed, 0, a.n)
         scores = evaluate(engine, tok, task, examples, a.k, a.seed, d=d)
+        scores["attn_implementation"] = policy.lm.config._attn_implementation  # the policy's (HF engine) kernel
         if d.main:
             print(json.dumps(scores, indent=1))
             if a.out:

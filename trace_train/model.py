@@ -40,17 +40,117 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
         max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )
+    config._attn_implementation = resolve_attn_implementation(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Qwen3ForCausalLM(config).to(getattr(torch, cfg.dtype))
 
 
-def _attn_implementation() -> str:
+def _auto_attn_implementation(compute_dtype: str) -> str:
+    """auto's kernel for a model without attention softcapping: flash-attn 2 on CUDA when it imports and the
+    compute dtype is 16-bit (its kernels have no fp32), else sdpa."""
+    from .config import attn_missing
+
+    return "sdpa" if attn_missing("flash_attention_2", compute_dtype) else "flash_attention_2"
+
+
+def attention_softcap(hf_config) -> float | None:
+    """The model's attention-score softcapping (Gemma 2: tanh(scores / c) * c before the softmax), or None."""
+    for c in (hf_config, getattr(hf_config, "text_config", None)):
+        cap = getattr(c, "attn_logit_softcapping", None) if c is not None else None
+        if cap:
+            return cap
+    return None
+
+
+def resolve_attn_implementation(cfg: ModelConfig, hf_config=None) -> str:
+    """The attention kernel transformers runs for model.attn_implementation, hf_config the model's config (None:
+    the tiny in-process Qwen3). auto: eager for a model with attention softcapping, else flash-attn 2 on CUDA when
+    it imports and the compute dtype is 16-bit, else sdpa. ValueError naming the key for a kernel this machine or
+    this model cannot run (sdpa has no softcapping: transformers would drop it, or refuse the model)."""
+    from .config import attn_missing
+
+    impl, cap, dtype = cfg.attn_implementation, attention_softcap(hf_config), cfg.compute_dtype or cfg.dtype
+    if impl == "auto":
+        return "eager" if cap else _auto_attn_implementation(dtype)
+    if impl == "sdpa" and cap:
+        raise ValueError(f"model.attn_implementation = 'sdpa': {type(hf_config).__name__}.attn_logit_softcapping = "
+                         f"{cap} and sdpa cannot apply it (use auto, eager, flex_attention or flash_attention_2)")
+    missing = attn_missing(impl, dtype)
+    if missing:
+        raise ValueError(missing)
+    return impl
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """What model.path's config.json refuses before any weight loads: the attention kernel for it
+    (resolve_attn_implementation) and a router aux loss trace_train cannot compute (router_aux_loss)."""
+    from transformers import AutoConfig
+
     try:
-        import flash_attn  # noqa: F401
+        hf_config = AutoConfig.from_pretrained(cfg.path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path {cfg.path!r}: no readable Hugging Face config ({str(e).splitlines()[0]})") from e
+    resolve_attn_implementation(cfg, hf_config)
+    check_router_aux_config(hf_config)
+
+
+def _moe_module(hf_config):
+    import importlib
+
+    name = getattr(hf_config, "model_type", "")
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     except ImportError:
-        return "sdpa"
-    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        return None
+
+
+def check_router_aux_config(hf_config) -> None:
+    """ValueError naming the model type and attribute if its config asks transformers to add a router aux loss
+    (output_router_logits) that trace_train cannot compute as transformers does (its modeling module's
+    load_balancing_loss_func)."""
+    if not getattr(hf_config, "output_router_logits", False) or not getattr(hf_config, "router_aux_loss_coef", 0):
+        return
+    module = _moe_module(hf_config)
+    if module is None or not callable(getattr(module, "load_balancing_loss_func", None)):
+        raise ValueError(f"{type(hf_config).__name__}.output_router_logits = True: trace_train adds the router aux "
+                         f"loss only as transformers' load_balancing_loss_func computes it, which "
+                         f"{hf_config.model_type!r} has not (set output_router_logits to false in config.json to "
+                         f"train without it)")
+
+
+@dataclass
+class RouterAux:
+    """The router load-balancing loss an MoE ForCausalLM adds to its loss when config.output_router_logits is
+    set: router_aux_loss_coef * load_balancing_loss_func(router logits, num_experts, num_experts_per_tok, mask),
+    with the same function and attributes transformers' forward uses."""
+
+    coef: float
+    num_experts: int
+    top_k: int
+    fn: object
+
+    def __call__(self, router_logits, token_mask) -> torch.Tensor:
+        """The unweighted aux loss of one forward; token_mask [rows, width]: 1 on real tokens (padding and packed
+        rows' filler excluded, as transformers excludes padding with the attention mask)."""
+        return self.fn(router_logits, self.num_experts, self.top_k, token_mask)
+
+
+def router_aux_loss(model) -> RouterAux | None:
+    """The model's router aux loss (None when transformers would add none: a dense model, output_router_logits
+    unset or router_aux_loss_coef 0); ValueError naming the model where it cannot be computed as transformers
+    does."""
+    config = model.config
+    if not getattr(config, "output_router_logits", False) or not getattr(config, "router_aux_loss_coef", 0):
+        return None
+    check_router_aux_config(config)
+    attrs = ("router_aux_loss_coef", "num_experts", "num_experts_per_tok")
+    if not all(hasattr(model, a) for a in attrs):
+        absent = " / ".join(a for a in attrs if not hasattr(model, a))
+        raise ValueError(f"{type(model).__name__}: output_router_logits is set but the model has no {absent} "
+                         f"(trace_train computes the router aux loss from them as its forward does)")
+    return RouterAux(float(model.router_aux_loss_coef), int(model.num_experts), int(model.num_experts_per_tok),
+                     _moe_module(config).load_balancing_loss_func)
 
 
 def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
@@ -67,19 +167,22 @@ def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     dtype = getattr(torch, cfg.dtype)
+    config = AutoConfig.from_pretrained(cfg.path)
+    attn = resolve_attn_implementation(cfg, config)
     if not meta:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=_attn_implementation())
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
         check_plain_lm_head(model)
+        router_aux_loss(model)
         return model, tokenizer
     from accelerate import init_empty_weights
     from transformers import GenerationConfig
 
-    config = AutoConfig.from_pretrained(cfg.path)
     check_plain_lm_head_config(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_attn_implementation())
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.tie_weights()  # from_pretrained ties after loading; here it must be done before sharding
     check_plain_lm_head(model)
+    router_aux_loss(model)
     try:
         model.generation_config = GenerationConfig.from_pretrained(cfg.path)
     except OSError:  # no generation_config.json: from_pretrained keeps the one derived from the config too
@@ -177,12 +280,51 @@ class _SafetensorsRows:
             out.copy_(buf)
 
 
+# transformers >= 5 holds an MoE layer's experts as fused [E, ...] parameters that checkpoints store per expert (its
+# conversion_mapping: qwen2_moe's, which Qwen3-MoE, DeepSeek V2 / V3, GLM-4 MoE and others share, and Mixtral's):
+# each expert's slice of the fused parameter is its tensors concatenated along their dim 0 (gate, then up).
+FUSED_EXPERTS = (
+    ("experts.gate_up_proj", (("experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight"),
+                              ("experts.{e}.w1.weight", "experts.{e}.w3.weight"))),
+    ("experts.down_proj", (("experts.{e}.down_proj.weight",), ("experts.{e}.w2.weight",))),
+)
+
+
+def _expert_sources(name: str, where: dict) -> tuple[str, tuple[str, ...]] | None:
+    """(prefix, per-expert patterns) of the checkpoint tensors a fused expert parameter is made of, or None."""
+    for suffix, variants in FUSED_EXPERTS:
+        if not name.endswith(suffix):
+            continue
+        prefix = name[: -len(suffix)]
+        for pre in dict.fromkeys((prefix, prefix.replace(".mlp.", ".block_sparse_moe."))):  # Mixtral's files
+            for patterns in variants:
+                if all(pre + p.format(e=0) in where for p in patterns):
+                    return pre, patterns
+    return None
+
+
+def _read_fused_experts(where: dict, pre: str, patterns: tuple[str, ...], start: int, local: torch.Tensor) -> None:
+    """Fill local [experts, rows, cols] (experts start, start + 1, ...) from the per-expert tensors."""
+    for j in range(local.shape[0]):
+        row = 0
+        for pattern in patterns:
+            src = pre + pattern.format(e=start + j)
+            if src not in where:
+                raise ValueError(f"no weights for {src} in the safetensors files")
+            rows = where[src].header[src]["shape"][0]
+            where[src].read(src, 0, rows, local[j, row:row + rows])
+            row += rows
+        if row != local.shape[1]:
+            raise ValueError(f"{pre}{patterns}: expert {start + j} has {row} rows, the fused parameter "
+                             f"{local.shape[1]}")
+
+
 @torch.no_grad()
 def load_sharded_weights(model, path: str) -> None:
     """Fill a sharded (FSDP2, Shard(0)) model's local shards from a Hugging Face folder: each process reads
-    only its own rows of each tensor from the safetensors files, cast to the parameter's dtype. A parameter
-    absent from the files is an error, unless it is tied to one that was loaded (the LM head of
-    tied-embedding models)."""
+    only its own rows of each tensor from the safetensors files, cast to the parameter's dtype (an MoE layer's fused
+    experts from their per-expert tensors: FUSED_EXPERTS). A parameter absent from the files is an error, unless it
+    is tied to one that was loaded (the LM head of tied-embedding models)."""
     from torch.distributed.tensor import DTensor, Shard
 
     where = {}
@@ -191,7 +333,8 @@ def load_sharded_weights(model, path: str) -> None:
     loaded: set[int] = set()
     missing = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if name not in where:
+        fused = _expert_sources(name, where) if name not in where else None
+        if name not in where and fused is None:
             missing.append((name, t))
             continue
         if isinstance(t, DTensor):
@@ -201,9 +344,13 @@ def load_sharded_weights(model, path: str) -> None:
             n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
             chunk = -(-n // world)
             start = min(n, rank * chunk)
-            where[name].read(name, start, min(n, start + chunk) - start, local)
+            rows = min(n, start + chunk) - start
         else:
-            where[name].read(name, 0, t.shape[0] if t.dim() else 1, t)
+            local, start, rows = t, 0, t.shape[0] if t.dim() else 1
+        if fused is not None:  # dim 0 is the expert: each rank reads its experts' tensors
+            _read_fused_experts(where, *fused, start, local)
+        else:
+            where[name].read(name, start, rows, local)
         loaded.add(id(t))
     absent = [name for name, t in missing if id(t) not in loaded]
     if absent:
@@ -230,10 +377,17 @@ class Batch:
     targets: torch.Tensor  # [N]
     response_lens: list[int]
     position_ids: torch.Tensor | None = None  # [R, W] when packed
+    filled: list[int] | None = None  # [R] when packed: each row's sequence tokens (the filler follows them)
 
     @property
     def packed(self) -> bool:
         return self.position_ids is not None
+
+    def token_mask(self) -> torch.Tensor:
+        """[B, T] or [R, W]: 1 on the sequences' tokens, 0 on padding (padded) and on the rows' filler (packed)."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        return (torch.arange(self.input_ids.shape[1]) < torch.tensor(self.filled)[:, None]).long()
 
 
 def make_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, packed: bool = False,
@@ -286,6 +440,7 @@ def _packed_batch(prompts, responses, seqs, pad_id: int, row_tokens: int | None)
     ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(layout), width), dtype=torch.long)
     start = [0] * len(seqs)  # flat offset of each sequence's first token
+    filled = []
     for r, members in enumerate(layout):
         col = 0
         for b in members:
@@ -293,11 +448,12 @@ def _packed_batch(prompts, responses, seqs, pad_id: int, row_tokens: int | None)
             pos[r, col:col + lens[b]] = torch.arange(lens[b])
             start[b] = r * width + col
             col += lens[b]
+        filled.append(col)
         pos[r, col:] = torch.arange(width - col)  # the filler: a sequence of its own, attended by nothing else
     rows = [start[b] + len(p) - 1 + j for b, (p, r) in enumerate(zip(prompts, responses)) for j in range(len(r))]
     targets = [t for r in responses for t in r]
     return Batch(ids, None, torch.tensor(rows, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
-                 [len(r) for r in responses], position_ids=pos)
+                 [len(r) for r in responses], position_ids=pos, filled=filled)
 
 
 def varlen_attention(model) -> bool:
@@ -307,16 +463,21 @@ def varlen_attention(model) -> bool:
     return "flash" in impl
 
 
-def response_hidden(model, batch: Batch) -> torch.Tensor:
-    """[N, H] final-norm hidden states of the rows predicting response tokens; the LM head is not run."""
+def response_hidden(model, batch: Batch, router_aux: RouterAux | None = None):
+    """[N, H] final-norm hidden states of the rows predicting response tokens; the LM head is not run.
+    router_aux: also the forward's router aux loss (unweighted, over the batch's real tokens): (hidden, aux)."""
     device = next(model.parameters()).device
     mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
     pos = None if batch.position_ids is None else batch.position_ids.to(device)
+    extra = {} if router_aux is None else {"output_router_logits": True}
     # no cache: transformers reads packed sequences from position_ids only without one
     out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=pos,
-                           use_cache=False)
+                           use_cache=False, **extra)
     hidden = out.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])[batch.rows.to(device)]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch.rows.to(device)]
+    if router_aux is None:
+        return hidden
+    return hidden, router_aux(out.router_logits, batch.token_mask().to(device))
 
 
 def token_char_offsets(tokenizer, ids: list[int]) -> list[tuple[int, int]]:

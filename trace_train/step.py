@@ -80,6 +80,7 @@ def batch_loss(
     packing_row_tokens: int = 0,
     advantage_weights=None,
     token_weights_N: torch.Tensor | None = None,
+    router_aux_weight: float = 1.0,
 ) -> tk.TraceLossOutput:
     """trace_loss for B rollouts through `policy` (trace_train.policy.Policy, FSDP-sharded or not).
     advantages: [B] per response (broadcast to its tokens); old/ref log-probs [N] per response token;
@@ -89,7 +90,8 @@ def batch_loss(
     it on a one-token dummy so that every rank makes the same FSDP calls. packing: padding-free batches
     (trace_train.model.Batch), student and teacher alike; the rows and the loss are those of the padded layout.
     packing_row_tokens: with dense-mask attention (sdpa, eager), the packed rows' width (at least the longest
-    sequence; 0: the longest sequence); varlen attention (flash_attention_*) always uses one row."""
+    sequence; 0: the longest sequence); varlen attention (flash_attention_*) always uses one row.
+    router_aux_weight: the micro-batch's share of the update, weighing an MoE model's router aux loss (Policy)."""
     row_tokens = None if varlen_attention(policy.lm) else packing_row_tokens  # one row for varlen kernels
 
     def make(ps: list[list[int]], rs: list[list[int]]):
@@ -120,7 +122,9 @@ def batch_loss(
                   kl_clip_mode=loss_cfg.kl_clip_mode)
     elif teacher_needed:
         tbatch = make([[pad_id]], [[pad_id]])
-    aw = dict(advantage_weights=advantage_weights) if advantage_weights is not None else {}
+    aw = dict(router_aux_weight=router_aux_weight) if getattr(policy, "router_aux", None) is not None else {}
+    if advantage_weights is not None:
+        aw["advantage_weights"] = advantage_weights
     if tbatch is None:
         return policy(batch, kw, **aw)
     if snapshot is None:

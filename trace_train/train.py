@@ -122,6 +122,10 @@ class Trainer:
         self.eval_task = MathTask(cfg.data.eval_files) if cfg.data.eval_files else None
         torch.manual_seed(t.seed)
         self.policy, self.tok = build_policy(cfg, d)
+        self.attn_implementation = self.policy.lm.config._attn_implementation  # the kernel transformers runs
+        if d.main:  # the run's config, with the kernel auto chose
+            save_config(cfg, os.path.join(t.output_dir, "config.toml"),
+                        resolved={"model.attn_implementation": self.attn_implementation})
         for task in (self.task, self.eval_task):
             if task is not None:
                 task.tokenizer = self.tok  # prompts through the model's chat template
@@ -148,7 +152,8 @@ class Trainer:
                       if t.resume else 0)
         if d.main:
             drop_metrics_from(self.metrics_path, self.start)
-        self.reporters = Reporters(cfg, d.main, self.start, config_text(cfg))
+        self.reporters = Reporters(cfg, d.main, self.start, config_text(
+            cfg, resolved={"model.attn_implementation": self.attn_implementation}))
         self.all_failed_streak = 0
 
     def train(self) -> list[dict]:
@@ -369,19 +374,24 @@ class Trainer:
             else:
                 correction = Correction(torch.cat([s.ro.logprobs[i] for i in idx]), lens, lc.is_correction,
                                         clip_min=lc.is_clip_min or None, clip_max=lc.is_clip_max or None)
+        # An MoE model's router aux loss: this micro-batch's share of the update's (response tokens)
+        share = sum(lens) / max(counts[0], 1)
         if idx:
             out = batch_loss(self.policy, pad, prompts, responses, s.advantages[idx], routing, lc,
                              teacher_prompts=[teacher_prompts[i] for i in idx], ref_logprobs=ref_lp,
-                             old_logprobs=old_lp, advantage_weights=correction, token_weights_N=weights, **common)
+                             old_logprobs=old_lp, advantage_weights=correction, token_weights_N=weights,
+                             router_aux_weight=share, **common)
         else:
             routing = Routing(torch.zeros(1), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0), [])
             out = batch_loss(self.policy, pad, [[pad]], [[pad]], torch.zeros(1), routing, lc, ref_logprobs=ref_lp,
-                             **common)
+                             router_aux_weight=0.0, **common)
         if self.snapshot is not None:  # a root FSDP module keeps its gathered parameters after a forward
             self.snapshot.reshard()
         # Each rank's loss is its share of one global loss: gradients are summed over ranks (FSDP's divide
         # factor is 1; loss_scale is the world size only where that cannot be set).
         (out.loss * self.policy.loss_scale).backward()
+        if self.policy.router_aux is not None:
+            sums["router_aux_loss"] = sums.get("router_aux_loss", 0.0) + share * self.policy.last_router_aux.item()
         if not idx:
             metrics.add_loss(sums, out)
             return None
@@ -443,7 +453,10 @@ class Trainer:
                             "KL, so this TRACE run is training as plain GRPO. Check the annotator "
                             "(annotator_failures/* in %s, the lines above).", step, self.all_failed_streak,
                             self.metrics_path)
-        return {"step": step, "algorithm": t.algorithm, "lambda": s.lam, **out,
+        if self.policy.router_aux is not None:  # the token-weighted mean over the step's updates, unweighted by coef
+            out["router_aux_loss"] = d.all_sum([sums.get("router_aux_loss", 0.0)])[0] / n_updates
+        return {"step": step, "algorithm": t.algorithm, "attn_implementation": self.attn_implementation,
+                "lambda": s.lam, **out,
                 "annotator_all_failed_streak": self.all_failed_streak if s.annotating else 0,
                 # the mean over the step's optimizer updates (each clipped at train.grad_clip)
                 "grad_norm": sum(grad_norms) / len(grad_norms), "grad_norm_max": max(grad_norms),
