@@ -216,13 +216,35 @@ def test_reference_is_the_hf_heads_formula():
 
 @pytest.mark.one_block_size
 def test_token_logprobs_and_logprobs_entropy_take_the_map(impl):
+    """token_logprobs' values, and logprobs_entropy's gradients (hidden, weight, bias) of a random linear function
+    of log p and entropy, against autograd through the HF head's formula in fp64."""
     dtype, tol = PRECISION[impl]
-    hidden, weight, targets, advantages, kw = with_map(make_problem(options=("temperature",), dtype=dtype),
-                                                       MAPS["all"])
-    ref, _ = reference64(hidden, weight, targets, advantages, kw)
-    logp, ent = tk.token_logprobs(hidden, weight, targets, kw["temperature"], return_entropy=True, impl=impl,
-                                  logit_scale=1.7, logit_softcap=3.0, bias=kw["bias"])
-    assert rel_err(logp, ref.logprobs) <= tol and rel_err(ent, ref.entropy, FLOOR["entropy"]) <= tol
+    hidden, weight, targets, _, kw = with_map(make_problem(options=("temperature", "ignore"), dtype=dtype),
+                                              MAPS["all"])
+    bias, t, ignore = kw["bias"], kw["temperature"], kw["ignore_index"]
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
+    h64, w64, b64 = leaves64
+    logits = torch.tanh((h64 @ w64.T + b64) * 1.7 / 3.0) * 3.0 / t
+    logp_NV = torch.log_softmax(logits, -1)
+    valid = targets != ignore
+    logp64 = torch.where(valid, logp_NV.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    ent64 = torch.where(valid, -(logp_NV.exp() * logp_NV).sum(-1), 0.0)
+    g = torch.Generator().manual_seed(9)
+    c1, c2 = torch.randn(2, hidden.shape[0], generator=g, dtype=torch.float64)
+    rgrads = torch.autograd.grad((c1 * logp64 + c2 * ent64).sum(), leaves64)
+
+    logp, ent = tk.token_logprobs(hidden, weight, targets, t, return_entropy=True, ignore_index=ignore, impl=impl,
+                                  logit_scale=1.7, logit_softcap=3.0, bias=bias)
+    # the outputs are fp32 (the contract) whatever the inputs, and so are the gradients autograd hands back to them
+    value_tol = max(tol, 2e-7)
+    assert rel_err(logp, logp64.detach()) <= value_tol
+    assert rel_err(ent, ent64.detach(), FLOOR["entropy"]) <= value_tol
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    logp, ent = tk.logprobs_entropy(leaves[0], leaves[1], targets, t, ignore_index=ignore, impl=impl,
+                                    logit_scale=1.7, logit_softcap=3.0, bias=leaves[2])
+    grads = torch.autograd.grad((c1 * logp + c2 * ent).sum(), leaves)
+    for name, a, e in zip(("hidden", "weight", "bias"), grads, rgrads):
+        assert rel_err(a, e) <= value_tol, name
 
 
 def test_gradcheck_fp64():
