@@ -14,13 +14,15 @@ from torch import nn
 
 import trace_kernels as tk
 
-from .model import Batch, response_hidden
+from .model import Batch, check_lm_head, response_hidden
 
 
 class Policy(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        # the head's logit map (softcapping, scales: heads.py), for student and teacher alike
+        self.head_kwargs = check_lm_head(lm).kwargs()
 
     @property
     def device(self) -> torch.device:
@@ -43,7 +45,7 @@ class Policy(nn.Module):
         elif teacher is not None:
             kw["teacher_hidden"], kw["teacher_weight"] = teacher
         hidden = response_hidden(self.lm, batch)
-        return tk.trace_loss(hidden, self.lm_head_weight(), **kw)
+        return tk.trace_loss(hidden, self.lm_head_weight(), **kw, **self.head_kwargs)
 
     def teacher_outputs(self, batch: Batch, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden [M, H], LM-head weight [V, H]) of a frozen copy, without gradient; the weight is cloned
@@ -57,7 +59,8 @@ class Policy(nn.Module):
         forward after the optimizer step)."""
         with torch.no_grad():
             hidden = response_hidden(self.lm, batch)
-            return tk.token_logprobs(hidden, self.lm_head_weight(), batch.targets.to(hidden.device), temperature)
+            return tk.token_logprobs(hidden, self.lm_head_weight(), batch.targets.to(hidden.device), temperature,
+                                     **self.head_kwargs)
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)

@@ -29,6 +29,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 import trace_kernels as tk
 
 from ..annotate import Job
+from ..heads import head_bias, head_map
 from ..model import char_to_token_spans, token_char_offsets
 from ..routing import cap_spans, lambda_at
 from .trl_loss import pg_weights, prepass_coefficients, unsupported_options
@@ -120,14 +121,18 @@ class TraceGRPOTrainer(GRPOTrainer):
         self._forward_redirection = _ForwardRedirection()
         self._trace_stash = None
         a = self.args
+        # The head's logit softcapping / scales (trace_train.heads), as the model's own forward applies them.
+        self._head_kwargs = head_map(hf_model.config).kwargs()
         self._loss_fn = tk.TraceLoss(beta=self.beta, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                                      dual_clip=a.delta, temperature=self.temperature,
                                      kl_term_clip=a.trace_kl_term_clip if self._trace else None,
-                                     kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
+                                     kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value",
+                                     **self._head_kwargs)
         # TRL's bias-corrected k3 (x ratio) has no trace_loss term: that case goes through the prepass.
         self._prepass_loss_fn = tk.TraceLoss(beta=0.0, temperature=self.temperature,
                                              kl_term_clip=a.trace_kl_term_clip if self._trace else None,
-                                             kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
+                                             kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value",
+                                             **self._head_kwargs)
 
     # ---------------------------------------------------------------- TRACE: spans and privileged prompts
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -246,15 +251,18 @@ class TraceGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         with self.accelerator.autocast():
             hidden = self._completion_hidden(backbone, input_ids, attention_mask, t)
-        weight = hf_model.get_output_embeddings().weight
+        weight, bias = hf_model.get_output_embeddings().weight, head_bias(hf_model)
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once, differentiably
             weight = weight.full_tensor()
+        if isinstance(bias, DTensor):
+            bias = bias.full_tensor()
         if self.args.cast_lm_head_to_fp32:
             hidden = hidden.float()
         teacher = self._teacher_rows(backbone, inputs, mask, t, hidden.dtype)
-        with maybe_gather_lm_head_ctx(weight):
+        with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
             w = weight.float() if self.args.cast_lm_head_to_fp32 else weight.to(hidden.dtype)
-            loss, out, entropy_w = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
+            b = None if bias is None else bias.to(w.dtype)
+            loss, out, entropy_w = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher, bias=b)
         # The policy part of the loss (TRL logs it with an entropy bonus): the total less the KL and entropy terms.
         other = torch.zeros((), device=loss.device)
         if entropy_w is not None:
@@ -292,7 +300,7 @@ class TraceGRPOTrainer(GRPOTrainer):
                     fkl_weight=torch.where(kinds == FORWARD, kl_w, 0.0),
                     rkl_weight=torch.where(kinds == REVERSE, kl_w, 0.0))
 
-    def _trace_loss(self, hidden, weight, completion_ids, mask, inputs, teacher):
+    def _trace_loss(self, hidden, weight, completion_ids, mask, inputs, teacher, bias=None):
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1.0
         pg_w = pg_weights(self.loss_type, mask, accumulation=accumulation,
@@ -319,20 +327,21 @@ class TraceGRPOTrainer(GRPOTrainer):
         if self.beta != 0.0 and (self.args.use_bias_correction_kl or is_ratio is not None):
             with torch.no_grad():
                 logp0 = tk.token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                          completion_ids.masked_fill(~mask, -100).reshape(-1), self.temperature)
+                                          completion_ids.masked_fill(~mask, -100).reshape(-1), self.temperature,
+                                          bias=bias, **self._head_kwargs)
             value, dlogp = prepass_coefficients(
                 logp0.view(mask.shape), pg_w, old, ref, advantages, beta=self.beta, eps_low=self.epsilon_low,
                 eps_high=self.epsilon_high, delta=self.args.delta, bias_correction=self.args.use_bias_correction_kl,
                 is_ratio=is_ratio)
             dlogp = dlogp * mask
             out = self._prepass_loss_fn(hidden, weight, completion_ids, -dlogp, mask=mask,
-                                        pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, **kl)
+                                        pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, bias=bias, **kl)
             return out.loss + (value - dlogp.sum()), out, entropy_w
         if is_ratio is not None:
             pg_w = pg_w * is_ratio
         out = self._loss_fn(hidden, weight, completion_ids, advantages.expand(mask.shape), mask=mask, pg_weight=pg_w,
                             old_logprobs=old, ref_logprobs=ref if self.beta != 0.0 else None,
-                            entropy_weight=entropy_w, **kl)
+                            entropy_weight=entropy_w, bias=bias, **kl)
         return out.loss, out, entropy_w
 
     def _log_loss_metrics(self, inputs, stats):
