@@ -95,7 +95,7 @@ def trace_loss(
 
     Args:
         hidden: [N, H] student hidden states, fp32 / bf16 / fp16 / fp64; row i predicts targets[i].
-        weight: [V, H] LM-head weight (no bias), same dtype and device as hidden.
+        weight: [V, H] LM-head weight (its bias: `bias`), same dtype and device as hidden.
         targets: [N] int64 token ids in [0, V), or ignore_index (the row is ignored).
         advantages: [N] float, per token (broadcast each sequence's advantage yourself).
         pg_weight: [N] float weight of each row's PG (+ k3) term. None: 1 / max(n_valid, 1) on valid rows.
