@@ -31,10 +31,11 @@ def with_map(problem, options, seed=0):
     if options.get("bias"):
         g = torch.Generator().manual_seed(100 + seed)
         v = weight.shape[0]
-        kw["bias"] = torch.randn(v, generator=g, dtype=torch.float64).to(weight.dtype)
+        bias = torch.randn(v, generator=g, dtype=torch.float64)
+        kw["bias"] = bias.to(weight.device, weight.dtype)
         if "teacher_weight" in kw:
-            kw["teacher_bias"] = (kw["bias"].double() + 0.1 * torch.randn(v, generator=g, dtype=torch.float64)
-                                  ).to(weight.dtype)
+            kw["teacher_bias"] = (bias + 0.1 * torch.randn(v, generator=g, dtype=torch.float64)).to(weight.device,
+                                                                                                    weight.dtype)
     return hidden, weight, targets, advantages, kw
 
 
