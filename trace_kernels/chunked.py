@@ -145,7 +145,8 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool, need_b:
     fixed = 0.0
     if need_w and inp.weight_VH.dtype == torch.bfloat16:
         fixed += head.vocab * h_dim  # the 24-bit accumulator's 8-bit plane (a bound for the fp32 option's share)
-    student_buffers = rows.STUDENT_ROW_BUFFERS + (rows.SOFTCAP_ROW_BUFFERS if inp.logit_softcap and need_grad else 0)
+    capped = inp.logit_softcap is not None and need_grad
+    student_buffers = rows.STUDENT_ROW_BUFFERS + (rows.SOFTCAP_ROW_BUFFERS if capped else 0)
     chunks = _plan.plan(device, kl_counts, student_buffers * stride * acc.itemsize,
                         rows.TEACHER_ROW_BUFFERS * stride * acc.itemsize, fixed)
     kl_bounds = (np.searchsorted(kl_pos_host, np.array(chunks, dtype=np.int64).reshape(-1), side="left")
