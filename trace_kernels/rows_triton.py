@@ -244,9 +244,11 @@ def _student_grad_kernel(z_ptr, stride_z, dz_ptr, stride_dz, b_ptr, targets_ptr,
         tl.store(dz_row + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def block_and_warps(vocab: int) -> tuple[int, int]:
-    """The BLOCK_V and num_warps every kernel of a chunk is launched with."""
-    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+def block_and_warps(vocab: int, mapped: bool = False) -> tuple[int, int]:
+    """The BLOCK_V and num_warps every kernel of a chunk is launched with. mapped (a bias or a softcap in the
+    logit map): at most half of MAX_BLOCK_V, since at 4096 / 8 warps those kernels spill 8-24 bytes on sm_90a
+    and sm_80 (benchmarks/results/compile-check-triton3.9-2026-12-02)."""
+    block = min(triton.next_power_of_2(vocab), MAX_BLOCK_V // 2 if mapped else MAX_BLOCK_V)
     return block, (8 if block >= 2048 else 4)
 
 
@@ -256,7 +258,7 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
     z_CV, u_KV, local_K = chunk.z_CV, chunk.u_KV, chunk.local_K
     c, v = z_CV.shape
     device = z_CV.device
-    block, warps = block_and_warps(v)
+    block, warps = block_and_warps(v, mapped=chunk.bias_V is not None or chunk.logit_softcap is not None)
     max_C, logs_C, logp_C, ent_C = (torch.empty(c, dtype=torch.float32, device=device) for _ in range(4))
     targets_C = chunk.targets_C.contiguous()
     lmap, has_bias = chunk.logit_map, chunk.bias_V is not None
