@@ -36,7 +36,7 @@ gpu-dry-run: $(STAMP)
 KERNEL_TESTS := tests/test_contract.py tests/test_precision.py tests/test_triton_regressions.py \
 	tests/test_row_backends.py tests/test_memory_bound.py tests/test_kl_clip.py tests/test_logprobs_entropy.py \
 	tests/test_plan.py tests/test_chunk_loop.py tests/test_grad_weight.py tests/test_cuda_rounding.py \
-	tests/test_compile_check.py tests/test_traffic.py
+	tests/test_compile_check.py tests/test_traffic.py tests/test_logit_map.py
 test-heavy: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 -m heavy tests
 

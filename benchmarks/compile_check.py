@@ -1,10 +1,11 @@
 """Compile every Triton kernel of trace_kernels (rows_triton.py, gemm_triton.py) for NVIDIA GPUs, without a GPU.
 
-    python -m benchmarks.compile_check [--arch sm_90a,sm_80] [--out DIR] [--subset] [--jobs J]
+    python -m benchmarks.compile_check [--arch sm_90a,sm_80] [--out DIR] [--subset] [--blocks B,...]
+                                       [--maps all|plain|mapped] [--jobs J]
 
 Each kernel is compiled in every specialization its launcher (rows_triton.chunk_rows, gemm_triton.grad_weight)
-can produce: the constexpr flags it can pass, the dz dtypes (with the fp16 scale), and for the row kernels the
-(BLOCK_V, num_warps) pairs that
+can produce: the constexpr flags it can pass, the dz dtypes (with the fp16 scale), the logit map's flags of the
+row kernels (HAS_BIAS, SOFTCAP: MAP_VARIANTS), and for the row kernels the (BLOCK_V, num_warps) pairs that
 rows_triton.block_and_warps gives for vocabularies from 1 to 262,144 (151,936 included), each twice:
 with every pointer and integer argument known to be a multiple of 16 (Triton's launch-time
 specialization for 16-byte aligned tensors and a vocabulary such as 151,936) and with none known so (a
@@ -13,9 +14,10 @@ vocabulary such as 50,257, a tensor sliced at an odd row: more registers, no vec
 (TRITON_DUMP_PTXAS_LOG) gives the registers and spill bytes of exactly that cubin, and the compiled
 metadata gives the shared memory (Triton's own allocation, without the 1 KB per block the driver
 reserves on sm_90). Output: compile_check.csv and compile_check.md in --out; the exit status is 1 on a
-compile error or a spill. --subset compiles BLOCK_V 4096 / 8 warps only (the launch of every vocabulary
-of 4,096 and more) and the d weight GEMM, unaligned (the register-heavier case): what tests/test_compile_check.py
-runs.
+compile error or a spill. --subset compiles the largest block only (8 warps: BLOCK_V 4096 without a bias or a
+cap, 2048 with both, the launch of every large vocabulary) and the d weight GEMM, unaligned (the
+register-heavier case): what tests/test_compile_check.py runs. --blocks keeps the row kernels' launches of those
+BLOCK_V only, --maps plain / mapped those without / with a bias or a cap (a re-run of changed kernels).
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
 """
@@ -38,10 +40,14 @@ from concurrent.futures import ProcessPoolExecutor
 # Vocabularies whose launch parameters are compiled: every power of two up to 2^18 covers every BLOCK_V
 # the launcher can choose; Qwen3's 151,936 and 262,144 are the large ones that matter.
 VOCABS = [2**i for i in range(19)] + [151_936]
-SUBSET_BLOCKS = {4096}  # the block of every vocabulary of 4,096 and more
 # (dz dtype, HAS_SCALE) the student-gradient kernel is launched with: fp32 (CPU, or fp32 weights; scaled in
 # the CPU's emulation of CUDA's fp16 rounding), bf16, fp16 (always scaled)
 DZ_VARIANTS = (("fp32", False), ("fp32", True), ("bf16", False), ("fp16", True))
+# The row kernels' logit map (HAS_BIAS, SOFTCAP): plain, bias, cap, both. With a bias or a cap the launcher
+# halves the largest block (rows_triton.block_and_warps: at 4096 they spilled). --subset compiles plain at 4096
+# and both at 2048, each the launch of every large vocabulary.
+MAP_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+SUBSET_MAPS = ((False, False), (True, True))
 # d weight GEMM: (MODE, FIRST, LAST, HAS_SCALE, dz dtype, accumulator dtype): the 24-bit pair of a bf16 weight
 # (first / middle / last / the only chunk), and the fp32 accumulator of an fp16 chunk (scaled)
 GEMM_VARIANTS = [(1, first, last, False, "bf16", "bf16") for first in (True, False) for last in (True, False)] + [
@@ -51,7 +57,7 @@ GEMM_VARIANTS = [(1, first, last, False, "bf16", "bf16") for first in (True, Fal
 _TYPES = {
     "stride_z": "i32", "stride_u": "i32", "stride_dz": "i32", "stride_h": "i32", "stride_w": "i32", "V": "i32",
     "C": "i32", "H": "i32", "targets_ptr": "*i64", "local_ptr": "*i64", "kl_start_ptr": "*i64", "lo_ptr": "*u8",
-    "inv_t": "fp32", "clip": "fp32",
+    "pre": "fp32", "post": "fp32", "clip": "fp32",
 }
 
 
@@ -63,23 +69,23 @@ def kl_flag_sets():
             yield {"HAS_FW": fw, "HAS_RW": rw, "CLIP": clip, "GRAD_CLIP": grad_clip, "NEED_GRAD": grad}
 
 
-def specializations(subset: bool = False):
+def specializations(subset: bool = False, only_blocks: set[int] | None = None, only_maps: bool | None = None):
     """(kernel name, constexpr flags, argument types (those not in _TYPES), BLOCK_V, num_warps, aligned) for
     every launch the launchers can make; BLOCK_V is 0 for the GEMM (its blocks are fixed)."""
     from trace_kernels import gemm_triton
     from trace_kernels.rows_triton import block_and_warps
 
-    blocks = sorted({block_and_warps(v) for v in VOCABS})
-    if subset:
-        blocks = [b for b in blocks if b[0] in SUBSET_BLOCKS]
     alignments = (False,) if subset else (True, False)
-    for (block, warps), aligned in itertools.product(blocks, alignments):
-        yield "_student_stats_kernel", {}, {}, block, warps, aligned
-        for flags in kl_flag_sets():
-            yield "_kl_rows_kernel", flags, {}, block, warps, aligned
-        for ew, kl, (dz, scale) in itertools.product((False, True), (False, True), DZ_VARIANTS):
-            yield ("_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl, "HAS_SCALE": scale}, {"dz_ptr": f"*{dz}"},
-                   block, warps, aligned)
+    maps = SUBSET_MAPS if subset else MAP_VARIANTS
+    if only_maps is not None:
+        maps = [m for m in maps if any(m) == only_maps]
+    for bias, cap in maps:
+        blocks = sorted({block_and_warps(v, mapped=bias or cap) for v in VOCABS})
+        if subset:  # the launch of every large vocabulary
+            blocks = blocks[-1:]
+        if only_blocks:
+            blocks = [b for b in blocks if b[0] in only_blocks]
+        yield from _row_specializations(blocks, alignments, {"HAS_BIAS": bias, "SOFTCAP": cap})
     # The d weight GEMM is launched only on 16-byte aligned tensors with H and the strides multiples of 16
     # (gemm_triton.usable); C and V are arbitrary.
     for mode, first, last, scale, dz, acc in GEMM_VARIANTS:
@@ -87,6 +93,16 @@ def specializations(subset: bool = False):
                                        "BLOCK_V": gemm_triton.BLOCK_V, "BLOCK_H": gemm_triton.BLOCK_H,
                                        "BLOCK_C": gemm_triton.BLOCK_C},
                {"dz_ptr": f"*{dz}", "h_ptr": f"*{dz}", "acc_ptr": f"*{acc}"}, 0, gemm_triton.NUM_WARPS, True)
+
+
+def _row_specializations(blocks, alignments, lmap):
+    for (block, warps), aligned in itertools.product(blocks, alignments):
+        yield "_student_stats_kernel", dict(lmap), {}, block, warps, aligned
+        for flags in kl_flag_sets():
+            yield "_kl_rows_kernel", dict(flags, **lmap), {}, block, warps, aligned
+        for ew, kl, (dz, scale) in itertools.product((False, True), (False, True), DZ_VARIANTS):
+            yield ("_student_grad_kernel", {"HAS_EW": ew, "HAS_KL": kl, "HAS_SCALE": scale, **lmap},
+                   {"dz_ptr": f"*{dz}"}, block, warps, aligned)
 
 
 def _parse_arch(arch: str) -> int:
@@ -195,6 +211,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sm_90a,sm_80", help="comma-separated, e.g. sm_90a,sm_80")
     ap.add_argument("--out", default=os.path.join("benchmarks", "out", "compile_check"))
     ap.add_argument("--subset", action="store_true", help="BLOCK_V 4096 unaligned only (what the test runs)")
+    ap.add_argument("--blocks", default="", help="comma-separated BLOCK_V values: the row kernels' launches of "
+                    "those blocks only")
+    ap.add_argument("--maps", choices=("all", "plain", "mapped"), default="all",
+                    help="the row kernels without (plain) or with (mapped) a bias or a softcap, or both")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -205,13 +225,17 @@ def main(argv=None) -> int:
         _parse_arch(a)
     import triton
 
-    jobs = [(*spec, arch) for arch in arches for spec in specializations(args.subset)]
+    only = {int(b) for b in args.blocks.split(",") if b.strip()}
+    only_maps = {"all": None, "plain": False, "mapped": True}[args.maps]
+    jobs = [(*spec, arch) for arch in arches for spec in specializations(args.subset, only, only_maps)]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache:
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(cache,)) as pool:
             rows = list(pool.map(_compile_job, jobs))
     header = (f"compile_check: triton {triton.__version__}, {len(jobs)} specializations "
-              f"({'subset' if args.subset else 'all'}), arch {','.join(arches)}, "
+              f"({'subset' if args.subset else 'all'}{f', BLOCK_V {args.blocks}' if only else ''}"
+              f"{'' if args.maps == 'all' else ', maps ' + args.maps}), "
+              f"arch {','.join(arches)}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}, wall {time.perf_counter() - t0:.0f} s on "
               f"{args.jobs} processes; registers and spills from Triton's own ptxas -v")
     table = write_tables(rows, args.out, header)

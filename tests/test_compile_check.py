@@ -24,9 +24,12 @@ def test_kernels_compile_for_sm90a_without_spills(tmp_path):
     with open(tmp_path / "compile_check.csv") as f:
         rows = list(csv.DictReader(f))
     # 1 student-stats + 17 KL-flag (14 + 3 with GRAD_CLIP) + 16 student-grad (flags x (dz dtype, scale))
-    # specializations at BLOCK_V 4096, unaligned, and 6 of the d weight GEMM (4 of the 24-bit pair, 2 fp32 scaled)
-    assert len(rows) == 40, res.stdout + res.stderr
-    assert sum("GRAD_CLIP=1" in r["flags"] for r in rows) == 3
+    # specializations, unaligned, without a logit map at BLOCK_V 4096 and with a bias and a cap at 2048 (the
+    # launcher's largest blocks), and 6 of the d weight GEMM (4 of the 24-bit pair, 2 fp32 scaled)
+    assert len(rows) == 2 * 34 + 6, res.stdout + res.stderr
+    assert sum("GRAD_CLIP=1" in r["flags"] for r in rows) == 2 * 3
+    mapped = [r for r in rows if "HAS_BIAS=1 SOFTCAP=1" in r["flags"]]
+    assert len(mapped) == 34 and {r["block_v"] for r in mapped} == {"2048"}
     assert sum(r["kernel"] == "grad_weight_kernel" for r in rows) == 6
     assert {r["kernel"] for r in rows} == {"student_stats_kernel", "kl_rows_kernel", "student_grad_kernel",
                                            "grad_weight_kernel"}

@@ -140,6 +140,19 @@ def test_cuda_kl_clip_mode_grad(dtype):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_logit_map(impl, dtype):
+    """The kernels' HAS_BIAS / SOFTCAP specializations compiled for the card: a logit scale, a softcap and a bias
+    (the teacher's own), every option; d bias under the gradients' bound."""
+    from test_logit_map import MAPS, assert_matches, with_map
+
+    problem = with_map(make_problem(n=300, h=128, v=5003, m=80, options=ALL_OPTIONS, dtype=dtype, seed=7,
+                                    device="cuda", scale=2.0), MAPS["all"])
+    with tk.chunk_budget(4):
+        assert_matches(impl, problem, VALUE_TOL, grad_tol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_qwen3_vocab(impl, dtype):
     _check(impl, make_problem(n=64, h=256, v=151_936, m=16, options=ALL_OPTIONS, dtype=dtype, device="cuda"), dtype)
 

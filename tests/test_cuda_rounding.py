@@ -36,27 +36,37 @@ FAR_TOL = {torch.bfloat16: 5e-3, torch.float16: 1e-3}
 triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on the CPU interpreter")
 
 
-def _problem(n, dtype, pg_weight=None):
+# The logit map on (trace_loss's logit_scale, logit_softcap, bias): its slope multiplies dz before the rounding.
+LOGIT_MAP = dict(logit_scale=1.5, logit_softcap=2.0)
+
+
+def _problem(n, dtype, pg_weight=None, logit_map=False):
     hidden, weight, targets, adv, kw = make_problem(n=n, h=64, v=8192, options=("old_logprobs",),
                                                     dtype=torch.float64, seed=0)
     if pg_weight is not None:
         kw["pg_weight"] = torch.full((n,), pg_weight, dtype=torch.float64)
+    if logit_map:
+        kw.update(LOGIT_MAP, bias=torch.randn(8192, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     kw16 = {k: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in kw.items()}
     return hidden.to(dtype), weight.to(dtype), targets, adv, kw16
 
 
 def _grads(impl, hidden, weight, targets, adv, kw, *, emulate):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
+    """(d hidden, d weight) and, with a bias in kw, d bias, as fp64."""
+    leaves = [hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)]
+    kw = dict(kw)
+    if kw.get("bias") is not None:
+        kw["bias"] = kw["bias"].detach().clone().requires_grad_(True)
+        leaves.append(kw["bias"])
     previous, _gemm.EMULATE_CUDA = _gemm.EMULATE_CUDA, emulate
     try:
         with tk.chunk_rows(953):  # an H100's chunks
-            out = tk.trace_loss(h, w, targets, adv, impl=impl, **kw)
-            gh, gw = torch.autograd.grad(out.loss * LOSS_SCALE, [h, w])
+            out = tk.trace_loss(leaves[0], leaves[1], targets, adv, impl=impl, **kw)
+            grads = torch.autograd.grad(out.loss * LOSS_SCALE, leaves)
     finally:
         _gemm.EMULATE_CUDA = previous
-    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
-    return gh.double() / LOSS_SCALE, gw.double() / LOSS_SCALE
+    assert all(g.dtype == x.dtype for g, x in zip(grads, leaves))
+    return tuple(g.double() / LOSS_SCALE for g in grads)
 
 
 def _elementwise(a, e):
@@ -66,18 +76,19 @@ def _elementwise(a, e):
 
 
 @functools.cache
-def _case(dtype, n, pg_weight=None):
+def _case(dtype, n, pg_weight=None, logit_map=False):
     """The problem and its fp64 gradients (computed once per case: the fp64 run is most of a test's time)."""
-    hidden, weight, targets, adv, kw = _problem(n, dtype, pg_weight)
+    hidden, weight, targets, adv, kw = _problem(n, dtype, pg_weight, logit_map)
     kw64 = {k: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in kw.items()}
     return (hidden, weight, targets, adv, kw), _grads("torch", hidden.double(), weight.double(), targets, adv, kw64,
                                                       emulate=False)
 
 
-def _check(impl, dtype, n, pg_weight=None):
-    (hidden, weight, targets, adv, kw), (rgh, rgw) = _case(dtype, n, pg_weight)
-    gh, gw = _grads(impl, hidden, weight, targets, adv, kw, emulate=True)
-    for name, a, e in (("d hidden", gh, rgh), ("d weight", gw, rgw)):
+def _check(impl, dtype, n, pg_weight=None, logit_map=False):
+    (hidden, weight, targets, adv, kw), expected = _case(dtype, n, pg_weight, logit_map)
+    grads = _grads(impl, hidden, weight, targets, adv, kw, emulate=True)
+    assert len(grads) == len(expected) == (3 if logit_map else 2)
+    for name, a, e in zip(("d hidden", "d weight", "d bias"), grads, expected):
         median, far = _elementwise(a, e)
         assert median < MEDIAN_TOL and far < FAR_TOL[dtype], (name, median, far)
 
@@ -93,6 +104,14 @@ def test_triton_path_fp16_at_16k_magnitudes():
     underflow are those of 1/16,384); the full 16,384 rows run in the heavy CI job (the interpreter takes
     minutes)."""
     _check("triton", torch.float16, 512, pg_weight=1 / 16384)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=[triton_only, pytest.mark.heavy])])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logit_map_at_16k_magnitudes(impl, dtype):
+    """The same bounds with a logit scale, a softcap and a bias (d bias too: the column sums of the rounded dz),
+    512 rows at the pg_weight of 16,384 (the Triton kernels in the heavy job: a minute each in the interpreter)."""
+    _check(impl, dtype, 512, pg_weight=1 / 16384, logit_map=True)
 
 
 @pytest.mark.heavy

@@ -20,10 +20,11 @@ from trace_train import checkpoint as checkpoint_mod  # noqa: E402
 from trace_train import train as train_mod  # noqa: E402
 from trace_train.config import RANGES, Config, load_config  # noqa: E402
 from trace_train.dist import decoder_layers, init_distributed, shutdown  # noqa: E402
+from trace_train.heads import HeadMap  # noqa: E402
 from trace_train.model import (  # noqa: E402
     build_char_tokenizer,
-    check_plain_lm_head,
-    check_plain_lm_head_config,
+    check_lm_head,
+    check_lm_head_config,
     load_policy,  # noqa: E402
 )
 from trace_train.optim import build_optimizer, lr_factor  # noqa: E402
@@ -298,40 +299,51 @@ def test_keep_checkpoints_in_a_run_and_old_ones_removed_only_after_the_marker(tm
 # ---- models whose logits are not hidden @ lm_head.weight.T
 
 
-@pytest.mark.parametrize("family,attr,value", [
-    ("Gemma2Config", "final_logit_softcapping", 30.0), ("Gemma3TextConfig", "final_logit_softcapping", 30.0),
-    ("CohereConfig", "logit_scale", 0.0625), ("Cohere2Config", "logit_scale", 0.25),
-    ("GraniteConfig", "logits_scaling", 8.0),
+@pytest.mark.parametrize("family,attr,value,expected", [
+    ("Gemma2Config", "final_logit_softcapping", 30.0, HeadMap(1.0, 30.0)),
+    ("Gemma3TextConfig", "final_logit_softcapping", 30.0, HeadMap(1.0, 30.0)),
+    ("CohereConfig", "logit_scale", 0.0625, HeadMap(0.0625, None)), ("Cohere2Config", "logit_scale", 0.25,
+                                                                     HeadMap(0.25, None)),
+    ("GraniteConfig", "logits_scaling", 8.0, HeadMap(0.125, None)),
+    ("FalconH1Config", "lm_head_multiplier", 0.5, HeadMap(0.5, None)),
 ])
-def test_logit_transforms_are_refused_naming_the_attribute(family, attr, value):
+def test_logit_transforms_become_trace_loss_options(family, attr, value, expected):
+    """Softcapping and scales are passed to trace_loss (trace_train/heads.py, the list the TRL integration reads
+    too); tests/test_heads.py checks the log-probs against each model's own logits."""
     import transformers
 
     config = getattr(transformers, family)(**{attr: value})
-    with pytest.raises(ValueError, match=attr):
-        check_plain_lm_head_config(config)
-    setattr(config, attr, None if attr == "final_logit_softcapping" else 1.0)  # neutral: accepted
-    check_plain_lm_head_config(config)
+    assert check_lm_head_config(config) == expected
+    setattr(config, attr, None if attr == "final_logit_softcapping" else 1.0)  # neutral: the identity
+    assert check_lm_head_config(config).identity
+
+
+def test_an_unverified_logit_transform_is_refused_naming_the_attribute():
+    import transformers
+
+    config = transformers.Qwen3Config()
+    config.logits_scaling = 8.0  # Granite divides by it, HyperCLOVA X multiplies: unknown for this model type
+    with pytest.raises(ValueError, match="logits_scaling"):
+        check_lm_head_config(config)
 
 
 @pytest.mark.parametrize("meta", [False, True])
-def test_a_real_tiny_granite_with_logits_scaling_is_refused_at_load(tmp_path, meta):
-    """End to end: a tiny Granite saved to a folder; both loaders refuse it, naming logits_scaling, and the
-    same model with logits_scaling = 1 loads."""
+def test_a_real_tiny_granite_with_logits_scaling_loads_with_its_map(tmp_path, meta):
+    """End to end: a tiny Granite saved to a folder; both loaders load it, and the policy takes 1 / logits_scaling
+    as trace_loss's logit_scale."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
     tok = build_char_tokenizer()
     kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=64)
     GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **kw)).save_pretrained(tmp_path / "scaled")
-    GraniteForCausalLM(GraniteConfig(logits_scaling=1.0, **kw)).save_pretrained(tmp_path / "plain")
-    for name in ("scaled", "plain"):
-        tok.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / "scaled")
     from trace_train.config import ModelConfig
+    from trace_train.policy import Policy
 
-    with pytest.raises(ValueError, match="logits_scaling"):
-        load_policy(ModelConfig(path=str(tmp_path / "scaled")), meta=meta)
-    model, _ = load_policy(ModelConfig(path=str(tmp_path / "plain")), meta=meta)
-    assert model.config.logits_scaling == 1.0
+    model, _ = load_policy(ModelConfig(path=str(tmp_path / "scaled")), meta=meta)
+    assert model.config.logits_scaling == 8.0
+    assert Policy(model).head_kwargs == {"logit_scale": 0.125, "logit_softcap": None}
 
 
 def test_an_lm_head_bias_is_refused():
@@ -340,10 +352,10 @@ def test_an_lm_head_bias_is_refused():
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                          tie_word_embeddings=False))
-    check_plain_lm_head(model)
+    check_lm_head(model)
     model.lm_head = torch.nn.Linear(16, 32, bias=True)
     with pytest.raises(ValueError, match="lm_head.bias"):
-        check_plain_lm_head(model)
+        check_lm_head(model)
 
 
 # ---- the memory plan

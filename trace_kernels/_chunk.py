@@ -3,10 +3,11 @@
 The loop hands a backend one `ChunkInputs` and a PG callback; the backend returns a `ChunkOutputs`.
 Neither side writes into the other's tensors except through these two objects.
 
-Per-logit map. The backends apply x = z * inv_t to the raw GEMM logits z as they read them (rows_triton's
-`_load_logits`, rows_torch's `_map_logits_`), compute every row statistic and d loss / d x on x, and turn d x
-into d z as they write it (`_logit_grad`, `_chain_`). A map with a per-logit derivative (logit softcapping, a
-scale, a bias) belongs in those places, with its parameters here next to inv_t.
+Per-logit map. The backends apply x = softcap(a (z + b)) * inv_t to the raw GEMM logits z as they read them
+(rows_triton's `_load_logits`, rows_torch's `_map_logits_`), with b the head's bias, a the logit scale and
+softcap(y) = c tanh(y / c) (the identity without a cap), compute every row statistic and d loss / d x on x,
+and turn d x into d z as they write it (`_logit_grad`, `_chain_`): dx/dz = a inv_t, times 1 - tanh^2 with a
+cap. `LogitMap` holds the two constants both backends use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ PgCallback = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 # A 16-bit dz is scaled so that its largest possible entry is 2^DZ_SCALE_EXP: fp16's largest is 65504 (2^16
 # less a little), its smallest normal 2^-14, so entries down to 2^-29 of the largest keep full precision.
 DZ_SCALE_EXP = 15
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """x = post tanh(pre (z + b)) with a cap c (pre = a / c, post = c inv_t), else x = pre (z + b) (pre = a inv_t);
+    dx/dz = pre post (1 - (x / post)^2) with the cap, else pre."""
+
+    pre: float
+    post: float
+    softcap: bool
+
+    @staticmethod
+    def of(inv_t: float, logit_scale: float = 1.0, logit_softcap: float | None = None) -> LogitMap:
+        if logit_softcap is None:
+            return LogitMap(logit_scale * inv_t, 1.0, False)
+        return LogitMap(logit_scale / logit_softcap, logit_softcap * inv_t, True)
+
+    def slope(self) -> float:
+        """The largest |dx/dz|."""
+        return self.pre * self.post if self.softcap else self.pre
 
 
 @dataclass
@@ -53,6 +74,16 @@ class ChunkInputs:
     # fp16 (set by the loop): scale dz by a power of two chosen from a bound of its entries (dz_scale), so that
     # it neither underflows nor overflows that dtype; ChunkOutputs.dz_scale says by how much.
     dz_scale_for: torch.dtype | None = None
+    # the rest of the per-logit map: the heads' biases [V] (acc dtype, contiguous; None: no bias), the scale
+    # and the softcap (see the module docstring)
+    bias_V: torch.Tensor | None = None
+    teacher_bias_V: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+
+    @property
+    def logit_map(self) -> LogitMap:
+        return LogitMap.of(self.inv_t, self.logit_scale, self.logit_softcap)
 
 
 @dataclass
@@ -72,7 +103,8 @@ class ChunkOutputs:
 def dz_scale(g_C: torch.Tensor, entropy_weight_C: torch.Tensor | None, entropy_C: torch.Tensor,
              kl_max_K: torch.Tensor | None, local_K: torch.Tensor | None, inv_t: float) -> torch.Tensor:
     """A power of two s (0-d fp32 tensor, on the device: no host sync) with |s dz| <= 2^DZ_SCALE_EXP for every
-    entry of the chunk's dz, from the bound |dz_cv| <= inv_t (2 |g_c| + |ew_c| (H_c + 1/e) + sum_k max|dz_k|):
+    entry of the chunk's dz, from the bound |dz_cv| <= inv_t (2 |g_c| + |ew_c| (H_c + 1/e) + sum_k max|dz_k|)
+    (inv_t: the map's largest slope, `LogitMap.slope`):
     |p (a - ew log p)| <= |a| + |ew| max p |log p| with a = -(g + ew H), plus g on the target, plus the
     distilled rows' dz (kl_max_K, with respect to the mapped logits)."""
     bound_C = 2 * g_C.abs()

@@ -43,6 +43,10 @@ class TraceInputs:
     rkl_weight_M: torch.Tensor | None
     kl_term_clip: float | None
     kl_clip_mode: str  # "value" | "grad" (docs/kl-clip.md); no effect when kl_term_clip is None
+    logit_scale: float  # a in x = softcap(a (h W^T + b)) / temperature
+    logit_softcap: float | None  # c in softcap(y) = c tanh(y / c); None: no softcapping
+    bias_V: torch.Tensor | None  # the LM head's bias b [V], as given (its gradient is returned)
+    teacher_bias_V: torch.Tensor | None  # detached; `bias` when the head is shared
     entropy_weight_N: torch.Tensor | None  # 0 on ignored rows
     ignore_index: int
     n_valid: int = 0  # on the host: the number of valid rows
@@ -79,6 +83,18 @@ def _matrix(name: str, t, dtype: torch.dtype, device: torch.device, cols: int | 
         raise ValueError(f"{name} must be on {device} (the device of hidden), got {t.device}")
     if cols is not None and t.shape[1] != cols:
         raise ValueError(f"{name} must have {cols} columns (the hidden size H), got shape {tuple(t.shape)}")
+    return t
+
+
+def _bias(name: str, t, v: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != v:
+        raise ValueError(f"{name} must have shape ({v},) (the vocabulary size V), got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} (the dtype of hidden), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of hidden), got {t.device}")
     return t
 
 
@@ -119,6 +135,10 @@ def check_inputs(
     kl_clip_mode="value",
     entropy_weight=None,
     ignore_index=-100,
+    logit_scale=1.0,
+    logit_softcap=None,
+    bias=None,
+    teacher_bias=None,
 ) -> TraceInputs:
     """Check every argument of `trace_loss` and return them normalised. Raises ValueError naming the argument."""
     if not isinstance(hidden, torch.Tensor):
@@ -167,22 +187,35 @@ def check_inputs(
         kl_term_clip = _real("kl_term_clip", kl_term_clip, minimum=0.0)
     if not isinstance(kl_clip_mode, str) or kl_clip_mode not in KL_CLIP_MODES:
         raise ValueError(f"kl_clip_mode must be one of {KL_CLIP_MODES}, got {kl_clip_mode!r}")
+    logit_scale = _real("logit_scale", logit_scale, minimum=0.0, strict=True)
+    if logit_softcap is not None:
+        logit_softcap = _real("logit_softcap", logit_softcap, minimum=0.0, strict=True)
+    if bias is not None:
+        bias = _bias("bias", bias, v, dtype, device)
 
     if teacher_hidden is None:
-        for name, value in (("teacher_weight", teacher_weight), ("kl_index", kl_index),
-                            ("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
+        for name, value in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
+                            ("kl_index", kl_index), ("fkl_weight", fkl_weight), ("rkl_weight", rkl_weight)):
             if value is not None:
                 raise ValueError(f"{name} was given without teacher_hidden")
     else:
         _matrix("teacher_hidden", teacher_hidden, dtype, device, cols=h)
         m = teacher_hidden.shape[0]
         if teacher_weight is None:
-            teacher_weight = weight
+            if teacher_bias is not None:
+                raise ValueError("teacher_bias was given without teacher_weight (the shared head's bias is `bias`)")
+            teacher_weight, teacher_bias = weight, bias
         else:
             _matrix("teacher_weight", teacher_weight, dtype, device, cols=h)
             if teacher_weight.shape[0] != v:
                 raise ValueError(f"teacher_weight must have shape ({v}, {h}) like weight, got "
                                  f"{tuple(teacher_weight.shape)}")
+            # Teacher and student heads share one architecture: both have a bias or neither has.
+            if (teacher_bias is None) != (bias is None):
+                raise ValueError("teacher_bias is required with teacher_weight when bias is given" if bias is not None
+                                 else "teacher_bias was given without bias (the student head has no bias)")
+            if teacher_bias is not None:
+                teacher_bias = _bias("teacher_bias", teacher_bias, v, dtype, device).detach()
         if kl_index is None:
             if m != n:
                 raise ValueError(f"kl_index is required when teacher_hidden has M={m} rows and hidden N={n}")
@@ -219,6 +252,7 @@ def check_inputs(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature,
         teacher_hidden_MH=teacher_hidden, teacher_weight_VH=teacher_weight, kl_index_M=kl_index,
         fkl_weight_M=fkl_weight, rkl_weight_M=rkl_weight, kl_term_clip=kl_term_clip,
-        kl_clip_mode=kl_clip_mode, entropy_weight_N=entropy_weight, ignore_index=ignore_index,
-        n_valid=int(flags[-1]), autocast_dtype=autocast_dtype(hidden),
+        kl_clip_mode=kl_clip_mode, logit_scale=logit_scale, logit_softcap=logit_softcap, bias_V=bias,
+        teacher_bias_V=None if teacher_bias is None else teacher_bias.detach(), entropy_weight_N=entropy_weight,
+        ignore_index=ignore_index, n_valid=int(flags[-1]), autocast_dtype=autocast_dtype(hidden),
     )

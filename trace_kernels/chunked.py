@@ -45,9 +45,9 @@ class _LossWithGradients(torch.autograd.Function):
     or gradcheck) finds them consumed and recomputes them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, loss, grad_hidden, grad_weight, recompute):
-        ctx.grads = (grad_hidden, grad_weight)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+    def forward(ctx, hidden, weight, bias, loss, grads, recompute):
+        ctx.grads = grads  # (d hidden, d weight, d bias), None where not needed
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.recompute = recompute
         return loss.clone()
 
@@ -60,23 +60,25 @@ class _LossWithGradients(torch.autograd.Function):
         scaled = [g if g is None or one else g.mul_(grad_out) for g in grads]
         del grads
         scaled = [g if g is None or g.dtype == dtype else g.to(dtype) for g, dtype in zip(scaled, ctx.dtypes)]
-        return scaled[0], scaled[1], None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None
 
 
 def chunked_trace_loss(inp: TraceInputs, backend: str = "torch") -> TraceLossOutput:
     """`trace_loss` by chunks. backend "torch" (rows_torch) or "triton" (rows_triton)."""
     need_h = torch.is_grad_enabled() and inp.hidden_NH.requires_grad
     need_w = torch.is_grad_enabled() and inp.weight_VH.requires_grad
+    need_b = torch.is_grad_enabled() and inp.bias_V is not None and inp.bias_V.requires_grad
+    need = (need_h, need_w, need_b)
     device_type = inp.hidden_NH.device.type
     # The GEMMs' dtype under autocast is inp.autocast_dtype; our own ops must not be autocast again.
     with torch.no_grad(), torch.autocast(device_type, enabled=False):
-        loss, out, grad_h, grad_w = _forward(inp, backend, need_h, need_w)
-    if need_h or need_w:
+        loss, out, grads = _forward(inp, backend, *need)
+    if any(need):
         def recompute():
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                return _forward(inp, backend, need_h, need_w)[2:]
+                return _forward(inp, backend, *need)[2]
 
-        loss = _LossWithGradients.apply(inp.hidden_NH, inp.weight_VH, loss, grad_h, grad_w, recompute)
+        loss = _LossWithGradients.apply(inp.hidden_NH, inp.weight_VH, inp.bias_V, loss, grads, recompute)
     return out._replace(loss=loss)
 
 
@@ -87,14 +89,25 @@ def _compact(t: torch.Tensor | None, idx: torch.Tensor | None, dtype: torch.dtyp
     return t if dtype is None else t.to(dtype)
 
 
-def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
-    """(loss, TraceLossOutput without its loss, d loss / d hidden or None, d loss / d weight or None);
-    the gradients in the dtypes of hidden and weight (fp32 for fp16)."""
+def _bias_acc(b_V: torch.Tensor | None, inp: TraceInputs) -> torch.Tensor | None:
+    """A head's bias as the row backends read it: acc dtype, contiguous, rounded to autocast's dtype first."""
+    if b_V is None:
+        return None
+    b_V = b_V.detach()
+    if inp.autocast_dtype is not None:
+        b_V = b_V.to(inp.autocast_dtype)
+    return b_V.to(inp.acc_dtype).contiguous()
+
+
+def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool, need_b: bool = False):
+    """(loss, TraceLossOutput without its loss, (d loss / d hidden, d weight, d bias), each None where not
+    needed); the gradients in the dtypes of hidden and weight (fp32 for fp16), d bias in acc."""
     rows = rows_triton() if backend == "triton" else rows_torch
     hidden, acc = inp.hidden_NH, inp.acc_dtype
     (n, h_dim), device = hidden.shape, hidden.device
-    need_grad = need_h or need_w
+    need_grad = need_h or need_w or need_b
     inv_t = 1.0 / inp.temperature
+    bias_V, teacher_bias_V = _bias_acc(inp.bias_V, inp), _bias_acc(inp.teacher_bias_V, inp)
 
     head = LMHead(inp.weight_VH, acc, inp.autocast_dtype)
     gemm_in = head.compute_dtype  # the dtype of the GEMMs' row operands
@@ -132,7 +145,9 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
     fixed = 0.0
     if need_w and inp.weight_VH.dtype == torch.bfloat16:
         fixed += head.vocab * h_dim  # the 24-bit accumulator's 8-bit plane (a bound for the fp32 option's share)
-    chunks = _plan.plan(device, kl_counts, rows.STUDENT_ROW_BUFFERS * stride * acc.itemsize,
+    capped = inp.logit_softcap is not None and need_grad
+    student_buffers = rows.STUDENT_ROW_BUFFERS + (rows.SOFTCAP_ROW_BUFFERS if capped else 0)
+    chunks = _plan.plan(device, kl_counts, student_buffers * stride * acc.itemsize,
                         rows.TEACHER_ROW_BUFFERS * stride * acc.itemsize, fixed)
     kl_bounds = (np.searchsorted(kl_pos_host, np.array(chunks, dtype=np.int64).reshape(-1), side="left")
                  .reshape(-1, 2) if chunks else np.zeros((0, 2), dtype=np.int64))
@@ -150,6 +165,7 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
         dtype_h = acc if hidden.dtype == torch.float16 else hidden.dtype
         grad_h = (torch.empty if idx is None else torch.zeros)((n, h_dim), dtype=dtype_h, device=device)
     grad_w = GradWeight(inp.weight_VH, head, len(chunks), acc, triton=backend == "triton") if need_w else None
+    grad_b = torch.zeros(head.vocab, dtype=acc, device=device) if need_b else None
     dz_dtype = head.kernel_dz_dtype
     scale_for = torch.float16 if need_grad and head.gemm_dtype == torch.float16 else None
 
@@ -179,8 +195,10 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
                 teacher_head.logits(t_KH, z_RV[c:])
         chunk = ChunkInputs(z_CV=z_RV[:c], targets_C=targets_A[a:b], inv_t=inv_t, kl_term_clip=inp.kl_term_clip,
                             kl_clip_mode=inp.kl_clip_mode, entropy_weight_C=None if ew_A is None else ew_A[a:b],
-                            need_grad=need_grad, dz_dtype=dz_dtype, dz_scale_for=scale_for)
+                            need_grad=need_grad, dz_dtype=dz_dtype, dz_scale_for=scale_for, bias_V=bias_V,
+                            logit_scale=inp.logit_scale, logit_softcap=inp.logit_softcap)
         if k:
+            chunk.teacher_bias_V = teacher_bias_V
             chunk.u_KV = z_RV[c:]
             chunk.local_K = kl_pos_M[lo:hi] - a
             chunk.fkl_weight_K = None if fw_S is None else fw_S[lo:hi]
@@ -211,6 +229,9 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
             if need_w:
                 with piece("d weight"):
                     grad_w.add(dz_CV, h_CH, inv_scale)
+            if need_b:
+                d_V = dz_CV.sum(0, dtype=acc)
+                grad_b.add_(d_V if inv_scale is None else d_V.mul_(inv_scale))
         del chunk, res
     del ws
 
@@ -238,7 +259,7 @@ def _forward(inp: TraceInputs, backend: str, need_h: bool, need_w: bool):
         fkl=None if fkl_M is None else fkl_M.float(),
         rkl=None if rkl_M is None else rkl_M.float(),
     )
-    return loss, out, grad_h, None if grad_w is None else grad_w.result()
+    return loss, out, (grad_h, None if grad_w is None else grad_w.result(), grad_b)
 
 
 def rows_triton():

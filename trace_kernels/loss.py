@@ -69,14 +69,19 @@ def trace_loss(
     kl_clip_mode: str = "value",
     entropy_weight: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> TraceLossOutput:
     """GRPO + span-routed forward/reverse KL to a teacher + entropy, from hidden states and the LM head,
     without ever holding the [N, V] logits. The full contract, with every edge case, is docs/contract.md.
 
-    With z = hidden @ weight.T / temperature, p = softmax(z), logp_i = log p_i[targets_i],
+    With z = softcap(logit_scale (hidden @ weight.T + bias)) / temperature, softcap(y) = c tanh(y / c) with
+    c = logit_softcap (the identity when None), p = softmax(z), logp_i = log p_i[targets_i],
     H_i = entropy of p_i, r_i = exp(logp_i - old_i), and for the teacher q = softmax(teacher_hidden @
-    teacher_weight.T / temperature) compared with student row s = kl_index_j::
+    teacher_weight.T + teacher_bias) mapped the same way) compared with student row s = kl_index_j::
 
         loss = sum_{valid i} pg_weight_i (L_pg_i + beta k3_i) + entropy_weight_i H_i
              + sum_j fkl_weight_j FKL_j + rkl_weight_j RKL_j
@@ -90,7 +95,7 @@ def trace_loss(
 
     Args:
         hidden: [N, H] student hidden states, fp32 / bf16 / fp16 / fp64; row i predicts targets[i].
-        weight: [V, H] LM-head weight (no bias), same dtype and device as hidden.
+        weight: [V, H] LM-head weight (its bias: `bias`), same dtype and device as hidden.
         targets: [N] int64 token ids in [0, V), or ignore_index (the row is ignored).
         advantages: [N] float, per token (broadcast each sequence's advantage yourself).
         pg_weight: [N] float weight of each row's PG (+ k3) term. None: 1 / max(n_valid, 1) on valid rows.
@@ -115,6 +120,13 @@ def trace_loss(
             derives what each mode does to the gradient.
         entropy_weight: [N] float weight of each row's entropy (negative: a bonus). None: no entropy term.
         ignore_index: the target value that marks an ignored row.
+        logit_scale: a > 0, multiplies the head's logits (Cohere's logit_scale, 1 / Granite's logits_scaling,
+            Falcon-H1's lm_head_multiplier); student and teacher alike, before the softcap and the temperature.
+        logit_softcap: c > 0, logit softcapping c tanh(y / c) of the scaled logits (Gemma 2's
+            final_logit_softcapping); student and teacher alike. None: no softcapping.
+        bias: [V] LM-head bias, same dtype and device as hidden; it receives a gradient like weight. None: none.
+        teacher_bias: [V] the teacher head's bias, with teacher_weight (required there when bias is given).
+            None: `bias` when teacher_weight is None (the same head).
         impl: "auto" (the torch path; on CUDA, Triton once its kernels have passed the GPU check: see
             AUTO_USES_TRITON_ON_CUDA), "triton", "torch" (chunked PyTorch, the CPU path), "reference"
             (materialized, tests only).
@@ -127,7 +139,9 @@ def trace_loss(
 
     Raises:
         ValueError: naming the argument, before any computation: a bad shape, dtype or device, an index
-            out of range, temperature <= 0, beta / clip_low / clip_high / kl_term_clip < 0, dual_clip <= 1,
+            out of range, temperature / logit_scale / logit_softcap <= 0, a bias not [V], teacher_bias without
+            teacher_weight or without bias (or missing with both), beta / clip_low / clip_high / kl_term_clip < 0,
+            dual_clip <= 1,
             kl_clip_mode not "value" or "grad", beta > 0 without ref_logprobs, a teacher argument without
             teacher_hidden, kl_index missing with M != N, an unknown impl, or impl="triton" where it cannot
             run (no triton, not CUDA without TRITON_INTERPRET=1, fp64).
@@ -145,7 +159,8 @@ def trace_loss(
         ref_logprobs=ref_logprobs, beta=beta, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
         temperature=temperature, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, kl_index=kl_index,
         fkl_weight=fkl_weight, rkl_weight=rkl_weight, kl_term_clip=kl_term_clip, kl_clip_mode=kl_clip_mode,
-        entropy_weight=entropy_weight, ignore_index=ignore_index,
+        entropy_weight=entropy_weight, ignore_index=ignore_index, logit_scale=logit_scale,
+        logit_softcap=logit_softcap, bias=bias, teacher_bias=teacher_bias,
     )
     impl = _resolve_impl(impl, hidden.device, hidden.dtype)
     if impl == "reference":
@@ -162,6 +177,9 @@ def token_logprobs(
     return_entropy: bool = False,
     *,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    bias: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(targets) without gradient, under the same memory bound as `trace_loss`: the old- and
@@ -174,6 +192,7 @@ def token_logprobs(
         temperature: > 0, divides the logits.
         return_entropy: also return the entropy of each row.
         ignore_index: the target value that marks an ignored row.
+        logit_scale, logit_softcap, bias: the head's logit map, as in `trace_loss`.
         impl: as in `trace_loss`.
 
     Returns:
@@ -186,5 +205,5 @@ def token_logprobs(
     device = hidden.device if isinstance(hidden, torch.Tensor) else None
     advantages = torch.zeros(n, device=device)
     out = trace_loss(hidden, weight, targets, advantages, temperature=temperature, ignore_index=ignore_index,
-                     impl=impl)
+                     logit_scale=logit_scale, logit_softcap=logit_softcap, bias=bias, impl=impl)
     return (out.logprobs, out.entropy) if return_entropy else out.logprobs

@@ -30,18 +30,22 @@ class TraceLoss(nn.Module):
     Options (as in `trace_loss`): beta (k3 penalty to the reference policy), clip_low / clip_high (PPO
     clip), dual_clip (cap -c*A on negative advantages), temperature (student and teacher), kl_term_clip
     and kl_clip_mode (the KL clip and how it acts: "value" clamps each vocabulary term of a KL, "grad" each
-    entry of its logit gradient), ignore_index, impl ("auto" | "triton" | "torch" | "reference").
+    entry of its logit gradient), logit_scale and logit_softcap (the head's logit map: a model's constants),
+    ignore_index, impl ("auto" | "triton" | "torch" | "reference"). The head's bias, a parameter, is passed to
+    `forward` with its weight.
     """
 
     def __init__(self, *, beta: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.28,
                  dual_clip: float | None = None, temperature: float = 1.0, kl_term_clip: float | None = None,
-                 kl_clip_mode: str = "value", ignore_index: int = -100, impl: str = "auto"):
+                 kl_clip_mode: str = "value", logit_scale: float = 1.0, logit_softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
         if impl not in ("auto", "triton", "torch", "reference"):
             raise ValueError(f"impl must be one of ('auto', 'triton', 'torch', 'reference'), got {impl!r}")
         self.options = dict(beta=beta, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                             temperature=temperature, kl_term_clip=kl_term_clip, kl_clip_mode=kl_clip_mode,
-                            ignore_index=ignore_index, impl=impl)
+                            logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
+                            impl=impl)
         # Bad options fail here, not at the first batch: trace_loss checks them on an empty problem.
         empty = torch.zeros(0)
         trace_loss(torch.zeros(0, 1), torch.zeros(1, 1), torch.zeros(0, dtype=torch.int64), empty,
@@ -68,6 +72,8 @@ class TraceLoss(nn.Module):
         kl_index: torch.Tensor | None = None,
         fkl_weight: torch.Tensor | None = None,
         rkl_weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
     ) -> TraceLossOutput:
         """Padded form: hidden [B, T, H], targets [B, T], mask [B, T] (True = a scored token; False rows
         are ignored like targets == ignore_index), advantages [B] (one per sequence) or [B, T], pg_weight /
@@ -81,6 +87,7 @@ class TraceLoss(nn.Module):
 
         Flat form: hidden [N, H] and every per-token tensor [N] (mask optional), exactly `trace_loss`,
         the teacher as teacher_hidden [M, H] with kl_index, or [N, H] with span_mask [N].
+        bias [V] / teacher_bias [V]: the heads' biases, as in `trace_loss`.
         Output: `TraceLossOutput` with logprobs / entropy shaped like targets. pg_weight None: the mean over
         scored tokens of the whole batch."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
@@ -129,7 +136,9 @@ class TraceLoss(nn.Module):
         elif teacher_weight is not None:
             raise ValueError("teacher_weight was given without teacher_hidden")
 
-        out = trace_loss(hidden_NH, weight, targets_N, advantages_N, **kwargs, **self.options)
+        if teacher_bias is not None:
+            kwargs["teacher_bias"] = teacher_bias
+        out = trace_loss(hidden_NH, weight, targets_N, advantages_N, bias=bias, **kwargs, **self.options)
         fkl, rkl = out.fkl, out.rkl
         if span_N is not None:
             def scatter(x_M):

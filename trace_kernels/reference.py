@@ -52,6 +52,33 @@ def _gemm_operand(t: torch.Tensor, inp: TraceInputs) -> torch.Tensor:
     return t_acc + (t.to(inp.autocast_dtype).to(inp.acc_dtype) - t_acc).detach()
 
 
+class _Softcap(torch.autograd.Function):
+    """c tanh(y / c), whose derivative is taken as 1 / cosh(y / c)^2: autograd's tanh backward, 1 - tanh^2 from
+    the output, loses its relative precision where tanh is near 1 (3e-4 at |y| / c = 15 in fp64)."""
+
+    @staticmethod
+    def forward(ctx, y, c):
+        ctx.save_for_backward(y)
+        ctx.c = c
+        return c * torch.tanh(y / c)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad / torch.cosh(y / ctx.c) ** 2, None
+
+
+def _logits(h_RH: torch.Tensor, w_VH: torch.Tensor, b_V: torch.Tensor | None, inp: TraceInputs) -> torch.Tensor:
+    """The mapped logits softcap(logit_scale (h W^T + b)) / temperature, as HF's heads compute them."""
+    y_RV = _gemm_operand(h_RH, inp) @ _gemm_operand(w_VH, inp).T
+    if b_V is not None:
+        y_RV = y_RV + _gemm_operand(b_V, inp)
+    y_RV = y_RV * inp.logit_scale
+    if inp.logit_softcap is not None:
+        y_RV = _Softcap.apply(y_RV, inp.logit_softcap)
+    return y_RV / inp.temperature
+
+
 def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
     """Materialized `trace_loss` in the accumulation dtype (fp64 when the inputs are fp64)."""
     with torch.autocast(inp.hidden_NH.device.type, enabled=False):
@@ -61,7 +88,7 @@ def reference_trace_loss(inp: TraceInputs) -> TraceLossOutput:
 def _reference(inp: TraceInputs) -> TraceLossOutput:
     acc = inp.acc_dtype
     valid = inp.valid_N
-    z_NV = (_gemm_operand(inp.hidden_NH, inp) @ _gemm_operand(inp.weight_VH, inp).T) / inp.temperature
+    z_NV = _logits(inp.hidden_NH, inp.weight_VH, inp.bias_V, inp)
     logp_NV = torch.log_softmax(z_NV, dim=-1)
     p_NV = logp_NV.exp()
     safe_targets = torch.where(valid, inp.targets_N, 0)
@@ -87,8 +114,7 @@ def _reference(inp: TraceInputs) -> TraceLossOutput:
 
     fkl_M = rkl_M = None
     if inp.has_teacher:
-        u_MV = (_gemm_operand(inp.teacher_hidden_MH, inp) @ _gemm_operand(inp.teacher_weight_VH, inp).T
-                ) / inp.temperature
+        u_MV = _logits(inp.teacher_hidden_MH, inp.teacher_weight_VH, inp.teacher_bias_V, inp)
         logq_MV = torch.log_softmax(u_MV, dim=-1)
         q_MV = logq_MV.exp()
         if inp.kl_term_clip is not None and inp.kl_clip_mode == "grad":

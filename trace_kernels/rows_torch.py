@@ -1,7 +1,8 @@
 """Row statistics and logit gradients of one chunk in plain PyTorch ops (the CPU path and the fallback).
 
 Given the chunk's raw student logits z [C, V] (in the accumulation dtype) and the raw teacher logits u [K, V]
-of its K distilled rows, maps both to x = z / temperature (`_map_logits_`) and computes, with p = softmax(x),
+of its K distilled rows, maps both to x = softcap(a (z + b)) / temperature (`_map_logits_`, _chunk.py's
+per-logit map) and computes, with p = softmax(x),
 q = softmax(x_u), s = local student row of each distilled row, d = log p_s - log q:
 
     logp_c = log p_c[y_c]                   entropy_c = log S - T / S  (S = sum e, T = sum e (x - max),
@@ -20,22 +21,25 @@ With a clip c in "value" mode, only the unclamped terms U count:
 In "grad" mode FKL and RKL stay unclipped and each distilled row's unclipped terms are clamped entrywise
 before its weight multiplies them: fw_k clamp(p_c - q_k, -c, c) + rw_k clamp(p_c (d_k - RKL_k), -c, c).
 
-The dz returned is dx times the map's derivative (1/temperature: `_chain_`), the gradient with respect to the
-raw logits h W^T, times the chunk's scale for fp16. Every [rows, V] tensor is a Workspace buffer reused across
-chunks; a 16-bit dz is written over z (the first half of each of its fp32 rows).
+The dz returned is dx times the map's derivative (a / temperature, times 1 - tanh^2 with a softcap: `_chain_`),
+the gradient with respect to the raw logits h W^T (+ b), times the chunk's scale for fp16. Every [rows, V]
+tensor is a Workspace buffer reused across chunks; a 16-bit dz is written over z (the first half of each of its
+fp32 rows).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._chunk import ChunkInputs, ChunkOutputs, PgCallback, dz_scale, piece
+from ._chunk import ChunkInputs, ChunkOutputs, LogitMap, PgCallback, dz_scale, piece
 from ._gemm import Workspace, narrow_view
 
 # [V] accumulation-dtype buffers per student row (z, p; a 16-bit dz is written over z) and per distilled row
 # (u, q, ps, d, dzk and two bool masks, rounded up); the chunk planner sizes chunks with these.
 STUDENT_ROW_BUFFERS = 2
 TEACHER_ROW_BUFFERS = 8
+# with a logit softcap and gradients: the map's derivative per student logit
+SOFTCAP_ROW_BUFFERS = 1
 
 
 _ROWDOT_TEMP_ELEMENTS = 2**20
@@ -57,15 +61,28 @@ def _rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     return out if out is not None else a_CV.new_zeros(c)
 
 
-def _map_logits_(z_CV: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """Raw logits -> the mapped logits x the loss is defined on, in place (see _chunk.py)."""
-    return z_CV if inv_t == 1.0 else z_CV.mul_(inv_t)
+def _map_logits_(z_CV: torch.Tensor, lmap: LogitMap, b_V: torch.Tensor | None,
+                 slope_CV: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw logits -> the mapped logits x the loss is defined on, in place (see _chunk.py); with a softcap and
+    slope_CV, the map's derivative dx/dz = pre post / cosh(y)^2 (y = pre z) is written there: relatively exact
+    where tanh is near 1, unlike 1 - tanh^2 (as the Triton kernel's 4e / (1 + e)^2)."""
+    if b_V is not None:
+        z_CV.add_(b_V)
+    if not lmap.softcap:
+        return z_CV if lmap.pre == 1.0 else z_CV.mul_(lmap.pre)
+    y_CV = z_CV.mul_(lmap.pre)
+    if slope_CV is not None:
+        torch.cosh(y_CV, out=slope_CV).square_().reciprocal_().mul_(lmap.pre * lmap.post)
+    return y_CV.tanh_().mul_(lmap.post)
 
 
-def _chain_(dx_CV: torch.Tensor, inv_t: float, scale: torch.Tensor | None) -> torch.Tensor:
+def _chain_(dx_CV: torch.Tensor, lmap: LogitMap, slope_CV: torch.Tensor | None,
+            scale: torch.Tensor | None) -> torch.Tensor:
     """d loss / d x -> d loss / d z (times the chunk's scale), in place."""
-    if inv_t != 1.0:
-        dx_CV.mul_(inv_t)
+    if slope_CV is not None:
+        dx_CV.mul_(slope_CV)
+    elif lmap.pre != 1.0:
+        dx_CV.mul_(lmap.pre)
     return dx_CV if scale is None else dx_CV.mul_(scale)
 
 
@@ -141,9 +158,10 @@ def _kl_rows(ws: Workspace, logp_CV, p_CV, u_KV, local_K, fkl_w_K, rkl_w_K, clip
 def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutputs:
     """Row statistics of one chunk and, with chunk.need_grad, dz (see ChunkOutputs). z_CV and u_KV are
     consumed (overwritten)."""
-    z_CV, u_KV, inv_t = chunk.z_CV, chunk.u_KV, chunk.inv_t
+    z_CV, u_KV, lmap = chunk.z_CV, chunk.u_KV, chunk.logit_map
     with piece("stats"):
-        x_CV = _map_logits_(z_CV, inv_t)
+        slope_CV = ws.get("slope", z_CV.shape[0]) if lmap.softcap and chunk.need_grad else None
+        x_CV = _map_logits_(z_CV, lmap, chunk.bias_V, slope_CV)
         p_CV = ws.get("p", x_CV.shape[0])
         entropy_C = _softmax_stats(x_CV, p_CV, with_entropy=True)
         logp_CV = x_CV
@@ -152,9 +170,9 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
     fkl_K = rkl_K = dz_KV = None
     if u_KV is not None:
         with piece("kl"):
-            fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, _map_logits_(u_KV, inv_t), chunk.local_K,
-                                           chunk.fkl_weight_K, chunk.rkl_weight_K, chunk.kl_term_clip,
-                                           chunk.need_grad, chunk.kl_clip_mode)
+            x_KV = _map_logits_(u_KV, lmap, chunk.teacher_bias_V)
+            fkl_K, rkl_K, dz_KV = _kl_rows(ws, logp_CV, p_CV, x_KV, chunk.local_K, chunk.fkl_weight_K,
+                                           chunk.rkl_weight_K, chunk.kl_term_clip, chunk.need_grad, chunk.kl_clip_mode)
 
     with piece("pg"):
         loss_C, g_C = pg(logp_C, entropy_C)
@@ -165,7 +183,7 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
         scale = None
         if chunk.dz_scale_for is not None:
             kl_max = None if dz_KV is None else dz_KV.abs().amax(dim=1)
-            scale = dz_scale(g_C, ew_C, entropy_C, kl_max, chunk.local_K, inv_t)
+            scale = dz_scale(g_C, ew_C, entropy_C, kl_max, chunk.local_K, lmap.slope())
         # dx = p * (-(g + ew H) - ew log p) + g onehot(y), built in the p buffer.
         if ew_C is None:
             dx_CV = p_CV.mul_(-g_C[:, None])
@@ -175,7 +193,7 @@ def chunk_rows(ws: Workspace, chunk: ChunkInputs, pg: PgCallback) -> ChunkOutput
         dx_CV.scatter_add_(1, chunk.targets_C[:, None], g_C[:, None])
         if dz_KV is not None:
             dx_CV.index_add_(0, chunk.local_K, dz_KV)
-        dz_CV = _chain_(dx_CV, inv_t, scale)
+        dz_CV = _chain_(dx_CV, lmap, slope_CV, scale)
         if chunk.dz_dtype != dz_CV.dtype:  # over z, which is no longer needed
             dz_CV = narrow_view(z_CV, chunk.dz_dtype).copy_(dz_CV)
     return ChunkOutputs(logp_C, entropy_C, loss_C, fkl_K, rkl_K, dz_CV, scale)

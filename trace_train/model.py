@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
+from .heads import HeadMap, head_bias, head_map
 
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 # Everything the synthetic task's prompts, solutions and diagnostics use.
@@ -159,7 +160,7 @@ def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
     meta=True (cfg.path only): the model is built from its config with every parameter on the meta device
     (no memory, no file read; buffers computed at construction stay real), to be sharded by
     `dist.shard` and filled by `load_sharded_weights`, so that no process ever holds the full weights.
-    Either way a model whose logits are not hidden @ lm_head.weight.T is refused (`check_plain_lm_head`)."""
+    Either way a model whose logits trace_loss cannot reproduce is refused (`check_lm_head`: heads.py's list)."""
     if not cfg.path:
         tokenizer = build_char_tokenizer()
         return build_tiny_model(cfg, tokenizer, seed), tokenizer
@@ -171,17 +172,17 @@ def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
     attn = resolve_attn_implementation(cfg, config)
     if not meta:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=attn)
-        check_plain_lm_head(model)
+        check_lm_head(model)
         router_aux_loss(model)
         return model, tokenizer
     from accelerate import init_empty_weights
     from transformers import GenerationConfig
 
-    check_plain_lm_head_config(config)
+    check_lm_head_config(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.tie_weights()  # from_pretrained ties after loading; here it must be done before sharding
-    check_plain_lm_head(model)
+    check_lm_head(model)
     router_aux_loss(model)
     try:
         model.generation_config = GenerationConfig.from_pretrained(cfg.path)
@@ -190,39 +191,23 @@ def load_policy(cfg: ModelConfig, seed: int = 0, *, meta: bool = False):
     return model, tokenizer
 
 
-# Config attributes that change the logits after the LM head: (name, the value that leaves them unchanged).
-# trace_loss computes the logits as hidden @ lm_head.weight.T from the final-norm hidden states, so any of
-# these would give a silently wrong loss.
-LOGIT_TRANSFORMS = (
-    ("final_logit_softcapping", None),  # Gemma 2 / 3: tanh(logits / c) * c
-    ("logit_scale", 1.0),  # Cohere, Cohere 2: logits * s
-    ("logits_scaling", 1.0),  # Granite: logits / s
-    ("output_logit_soft_cap", None),  # Recurrent Gemma
-)
+def check_lm_head_config(config) -> HeadMap:
+    """The logit map trace_loss applies for this config (heads.py's list: softcapping, scales); ValueError
+    naming the config attribute where it cannot be made exact."""
+    return head_map(config)
 
 
-def check_plain_lm_head_config(config) -> None:
-    """ValueError naming the config attribute if the model's logits are not hidden @ lm_head.weight.T."""
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is None:
-            continue
-        for name, neutral in LOGIT_TRANSFORMS:
-            value = getattr(cfg, name, neutral)
-            if value is not None and value != neutral and not (neutral is None and value == 0):
-                raise ValueError(f"{type(config).__name__}.{name} = {value!r}: this model transforms its logits "
-                                 f"after the LM head, which trace_loss (logits = hidden @ lm_head.weight.T) does "
-                                 f"not support")
-
-
-def check_plain_lm_head(model) -> None:
-    """check_plain_lm_head_config, and the LM head itself: a plain Linear without bias."""
-    check_plain_lm_head_config(model.config)
+def check_lm_head(model) -> HeadMap:
+    """check_lm_head_config, and the LM head itself: a Linear weight, without bias (trace-train does not pass
+    a bias; the TRL integration does)."""
+    lmap = check_lm_head_config(model.config)
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(f"{type(model).__name__}: no output embedding (lm_head) weight to compute logits with")
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}.lm_head.bias is set: trace_loss computes logits as "
-                         f"hidden @ lm_head.weight.T without a bias")
+    if head_bias(model) is not None:
+        raise ValueError(f"{type(model).__name__}.lm_head.bias is set: trace-train computes logits from "
+                         f"lm_head.weight without a bias")
+    return lmap
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -14,7 +14,7 @@ from torch import nn
 
 import trace_kernels as tk
 
-from .model import Batch, response_hidden, router_aux_loss
+from .model import Batch, check_lm_head, response_hidden, router_aux_loss
 
 
 class Policy(nn.Module):
@@ -24,6 +24,8 @@ class Policy(nn.Module):
         # An MoE model's router load-balancing loss, added as its Hugging Face forward adds it (None: none)
         self.router_aux = router_aux_loss(lm)
         self.last_router_aux: torch.Tensor | None = None  # the last forward's aux loss, unweighted (a metric)
+        # the head's logit map (softcapping, scales: heads.py), for student and teacher alike
+        self.head_kwargs = check_lm_head(lm).kwargs()
 
     @property
     def device(self) -> torch.device:
@@ -59,9 +61,10 @@ class Policy(nn.Module):
         weight = self.lm_head_weight()
         if advantage_weights is not None:
             with torch.no_grad():
-                logp = tk.token_logprobs(hidden.detach(), weight.detach(), kw["targets"], kw.get("temperature", 1.0))
+                logp = tk.token_logprobs(hidden.detach(), weight.detach(), kw["targets"], kw.get("temperature", 1.0),
+                                         **self.head_kwargs)
             kw["advantages"] = kw["advantages"] * advantage_weights(logp).to(kw["advantages"])
-        out = tk.trace_loss(hidden, weight, **kw)
+        out = tk.trace_loss(hidden, weight, **kw, **self.head_kwargs)
         if self.router_aux is None:
             return out
         self.last_router_aux = aux.detach()
@@ -79,7 +82,8 @@ class Policy(nn.Module):
         forward after the optimizer step)."""
         with torch.no_grad():
             hidden = response_hidden(self.lm, batch)
-            return tk.token_logprobs(hidden, self.lm_head_weight(), batch.targets.to(hidden.device), temperature)
+            return tk.token_logprobs(hidden, self.lm_head_weight(), batch.targets.to(hidden.device), temperature,
+                                     **self.head_kwargs)
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)

@@ -5,8 +5,9 @@ hidden states and the LM-head weight, and `TraceGRPOConfig`, which turns it into
   loss type, beta, delta, GSPO, OPSM, the entropy mask and bonus, the adaptive entropy controller, the MoE
   aux loss, vLLM's importance sampling, gradient accumulation) within fp32 round-off, and TRL's metrics
   keep their meaning; losses with no `trace_loss` term take one extra no-grad LM-head sweep
-  (`trl_loss.fused_path`). What it cannot reproduce (logit transforms, LM-head bias, vision-language
-  models) raises ValueError naming it when the trainer is built (`trl_loss.unsupported_options`).
+  (`trl_loss.fused_path`). The head's softcapping, scales and bias pass to `trace_loss` (heads.py). What it
+  cannot reproduce (an unverified logit transform, vision-language models) raises ValueError naming it when
+  the trainer is built (`trl_loss.unsupported_options`).
 - With `TraceGRPOConfig` it is TRACE: while lambda > 0 an annotator marks key spans of correct rollouts
   and error spans of incorrect ones; the same model, given a privileged prompt and no gradient, is the
   teacher on rollouts with spans; forward KL on key spans and reverse KL on error spans join the GRPO
@@ -31,6 +32,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 import trace_kernels as tk
 
 from ..annotate import Job
+from ..heads import head_bias, head_map
 from ..model import char_to_token_spans, token_char_offsets
 from ..routing import cap_spans, lambda_at
 from .trl_loss import (
@@ -130,14 +132,18 @@ class TraceGRPOTrainer(GRPOTrainer):
         self._router_aux_loss = router_aux_loss_fn(hf_model) if self.aux_loss_enabled else None
         self._trace_stash = None
         a = self.args
+        # The head's logit softcapping / scales (trace_train.heads), as the model's own forward applies them.
+        self._head_kwargs = head_map(hf_model.config).kwargs()
         self._loss_fn = tk.TraceLoss(beta=self.beta, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                                      dual_clip=a.delta, temperature=self.temperature,
                                      kl_term_clip=a.trace_kl_term_clip if self._trace else None,
-                                     kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
+                                     kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value",
+                                     **self._head_kwargs)
         # Losses with no trace_loss term of their own go through the prepass (trl_loss.fused_path).
         self._prepass_loss_fn = tk.TraceLoss(beta=0.0, temperature=self.temperature,
                                              kl_term_clip=a.trace_kl_term_clip if self._trace else None,
-                                             kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value")
+                                             kl_clip_mode=a.trace_kl_clip_mode if self._trace else "value",
+                                             **self._head_kwargs)
 
     # ---------------------------------------------------------------- TRACE: spans and privileged prompts
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -263,15 +269,18 @@ class TraceGRPOTrainer(GRPOTrainer):
                 hidden, out = self._completion_hidden(backbone, input_ids, attention_mask, t,
                                                       output_router_logits=True)
                 aux_loss = self._router_aux_loss(out.router_logits, attention_mask)
-        weight = hf_model.get_output_embeddings().weight
+        weight, bias = hf_model.get_output_embeddings().weight, head_bias(hf_model)
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once, differentiably
             weight = weight.full_tensor()
+        if isinstance(bias, DTensor):
+            bias = bias.full_tensor()
         if self.args.cast_lm_head_to_fp32:
             hidden = hidden.float()
         teacher = self._teacher_rows(backbone, inputs, mask, t, hidden.dtype)
-        with maybe_gather_lm_head_ctx(weight):
+        with maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None)):
             w = weight.float() if self.args.cast_lm_head_to_fp32 else weight.to(hidden.dtype)
-            loss, out, entropy_w, extra = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher)
+            b = None if bias is None else bias.to(w.dtype)
+            loss, out, entropy_w, extra = self._trace_loss(hidden, w, completion_ids, mask, inputs, teacher, bias=b)
         # The policy part of the loss (TRL logs it with an entropy bonus): the total less the KL and entropy terms.
         other = self._entropy_and_kl_value(out, entropy_w, teacher)
         stats = dict(logprobs=out.logprobs, entropy=out.entropy, fkl=out.fkl, rkl=out.rkl,
@@ -318,7 +327,7 @@ class TraceGRPOTrainer(GRPOTrainer):
                     fkl_weight=torch.where(kinds == FORWARD, kl_w, 0.0),
                     rkl_weight=torch.where(kinds == REVERSE, kl_w, 0.0))
 
-    def _trace_loss(self, hidden, weight, completion_ids, mask, inputs, teacher):
+    def _trace_loss(self, hidden, weight, completion_ids, mask, inputs, teacher, bias=None):
         a = self.args
         training = self.model.training
         accumulation = self.current_gradient_accumulation_steps if training else 1.0
@@ -346,7 +355,8 @@ class TraceGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 logp0, entropy0 = tk.token_logprobs(
                     hidden.reshape(-1, hidden.shape[-1]), weight, completion_ids.masked_fill(~mask, -100).reshape(-1),
-                    self.temperature, return_entropy=True)
+                    self.temperature, return_entropy=True,
+                    bias=bias, **self._head_kwargs)
             logp0, entropy0 = logp0.view(mask.shape), entropy0.view(mask.shape)
             if a.top_entropy_quantile < 1.0:  # TRL's own mask: the quantile over every rank's entropies
                 entropy_mask = self.get_high_entropy_mask(entropy0, mask, 1 - a.top_entropy_quantile)
@@ -383,7 +393,8 @@ class TraceGRPOTrainer(GRPOTrainer):
                 entropy_mask_BT=entropy_mask, **sapo)
             dlogp = dlogp * mask
             out = self._prepass_loss_fn(hidden, weight, completion_ids, -dlogp, mask=mask,
-                                        pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, **kl)
+                                        pg_weight=torch.ones_like(dlogp), entropy_weight=entropy_w, bias=bias,
+                                        **kl)
             # The value: TRL's loss at the measured log-probs plus the entropy and KL terms, summed apart from
             # the stand-in policy term (whose own value, sum(dlogp), would only add round-off); the gradient is
             # out.loss's.
@@ -393,7 +404,7 @@ class TraceGRPOTrainer(GRPOTrainer):
             pg_w = pg_w * is_ratio
         out = self._loss_fn(hidden, weight, completion_ids, advantages.expand(mask.shape), mask=mask, pg_weight=pg_w,
                             old_logprobs=old, ref_logprobs=ref if self.beta != 0.0 else None,
-                            entropy_weight=entropy_w, **kl)
+                            entropy_weight=entropy_w, bias=bias, **kl)
         return out.loss, out, entropy_w, extra
 
     def _log_loss_metrics(self, inputs, stats):

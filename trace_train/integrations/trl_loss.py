@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from ..heads import head_map
+
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SUPPORTED_LOSS_TYPES = FUSED_LOSS_TYPES + ("cispo", "sapo", "luspo", "vespo")
-# Model-config attributes that make logits something other than hidden @ W.T (TRL's fused head reads the same).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
 
 
 def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str]:
@@ -53,12 +52,12 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
     else:
         if type(head).__module__.startswith("peft"):
             errors.append("model: a PEFT adapter on the LM head is not supported (the head weight is read directly)")
-        if getattr(head, "bias", None) is not None:
-            errors.append("model: an LM head with a bias is not supported (logits must be hidden @ W.T)")
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
-            errors.append(f"model config {name}={value} (logit softcapping or scaling) is not supported")
+    # Logit softcapping, scales and an LM-head bias are trace_loss options (trace_train.heads: one list, shared
+    # with trace-train); what that list cannot make exact is refused, naming the config attribute.
+    try:
+        head_map(model.config)
+    except ValueError as e:
+        errors.append(f"model config: {e}")
     return errors
 
 
