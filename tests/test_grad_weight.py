@@ -117,5 +117,11 @@ def test_triton_grad_weight_kernel(over_fp32):
         if not last:
             assert ((value(hi, lo) - value(hi2, lo2)).abs().max() / total.abs().max()) < 2 * 2.0**-16
     truncated = (before.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
-    assert (hi.float() - truncated).abs().max() / total.abs().max() < 2.0**-14
+    # `before` is the torch form's sum, whose fp32 order (and so its last bits) depends on the thread count: where
+    # it lies within that rounding of a bf16 boundary, the kernel's truncation may land on the boundary's other
+    # side, and then hi sits at the exact sum (within the pair's resolution), not a bf16 step away.
+    tol = total.abs().max()
+    off = (hi.float() - truncated).abs() / tol >= 2.0**-14
+    assert ((hi.double() - before)[off].abs() / tol < 2 * 2.0**-16).all()
+    assert off.float().mean() < 0.01
     assert ((acc.double() - 0.25 * total).abs().max() / total.abs().max()) < 1e-6

@@ -106,16 +106,13 @@ def test_family_trains_two_steps(family, tmp_path, monkeypatch):
 
 def test_gemma2_trains_two_steps(tmp_path, monkeypatch):
     """Gemma 2 through trace-train: attention softcapping on eager (auto), final logit softcapping in the loss."""
-    from trace_train.model import check_plain_lm_head_config
+    from transformers import AutoConfig
+
+    from trace_train.model import check_lm_head_config
     from trace_train.train import run
 
     path = save_family("gemma2", tmp_path / "model")
-    from transformers import AutoConfig
-
-    try:
-        check_plain_lm_head_config(AutoConfig.from_pretrained(path))
-    except ValueError as e:
-        pytest.skip(f"the logit guard refuses Gemma 2's final_logit_softcapping until trace_loss applies it: {e}")
+    assert check_lm_head_config(AutoConfig.from_pretrained(path)).logit_softcap == 30.0  # applied in the loss
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     history = run(load_config("toy", [*TWO_STEPS, f"model.path={path}", f"train.output_dir={tmp_path / 'run'}"]))
     assert len(history) == 2 and all(math.isfinite(r["loss"]) and r["attn_implementation"] == "eager"
