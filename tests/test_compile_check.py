@@ -1,7 +1,8 @@
 """The Triton kernels compile for Hopper (sm_90a) without a GPU, in every specialization the launchers
 make for vocabularies of 4,096 and more and the d weight GEMM, with no register spills
 (benchmarks/compile_check.py; the full table over every block size and sm_80 is committed under
-benchmarks/results/)."""
+benchmarks/results/). Minutes of ptxas on two cores: a CI job (`make test-jobs` under triton 3.9, `make test-triton36`
+under 3.6), not `make test`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.job
 def test_kernels_compile_for_sm90a_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # make test sets it
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
