@@ -22,7 +22,7 @@ pytest: $(STAMP)
 
 # The heavier checks CI runs after `make test`, each kept out of it to hold it under 15 minutes: the crash tests
 # (SIGKILL at chosen points, then resume), every config key for one step, the trainer as 2 torchrun nodes on
-# loopback, run logging and evaluation during training (~15 min on 2 cores).
+# loopback, run logging, evaluation during training, the sm_90a compile check (~8 min on 2 cores).
 test-jobs: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m job tests
 
