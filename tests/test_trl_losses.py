@@ -36,6 +36,17 @@ def model_path(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
+def _save_seeded(model_cls, config, tok, folder) -> str:
+    """The model built from `config` under seed 0 (the caller's RNG untouched), saved with `tok` to `folder`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_cls(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
     """A tiny Qwen3-MoE (4 experts, top 2) with the character tokenizer, saved like the dense one."""
@@ -50,13 +61,7 @@ def moe_path(tmp_path_factory):
                             num_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
                             tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                             bos_token_id=None)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Qwen3MoeForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return _save_seeded(Qwen3MoeForCausalLM, config, tok, folder)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +79,7 @@ def gpt_oss_path(tmp_path_factory):
                           num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
                           sliding_window=8, max_position_embeddings=512, tie_word_embeddings=False,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = GptOssForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return _save_seeded(GptOssForCausalLM, config, tok, folder)
 
 
 def _assert_equal(ref, ours, loss_ref, grads_ref, loss, grads, scale):
