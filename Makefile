@@ -22,9 +22,21 @@ pytest: $(STAMP)
 
 # The heavier checks CI runs after `make test`, each kept out of it to hold it under 15 minutes: the crash tests
 # (SIGKILL at chosen points, then resume), every config key for one step, the trainer as 2 torchrun nodes on
-# loopback, run logging, evaluation during training, the sm_90a compile check (~8 min on 2 cores).
-test-jobs: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 -m job tests
+# loopback, run logging, evaluation during training, the sm_90a compile check (~8 min on 2 cores), and the TRL
+# integration under `accelerate launch` with 2 processes (plain, FSDP2, DeepSpeed ZeRO-3; tests/test_trl_dist.py).
+test-jobs: $(STAMP) $(DS_LIB)/.installed
+	TRACE_DEEPSPEED_PATH=$(CURDIR)/$(DS_LIB) TRACE_REQUIRE_DEEPSPEED=1 TRITON_INTERPRET=1 \
+		$(PY) -m pytest -q --durations=15 -m job tests
+
+# DeepSpeed for the ZeRO-3 runs only, in a folder of its own that only those runs put on PYTHONPATH (transformers
+# and accelerate take other paths wherever it is importable). PyPI has only its source, whose build imports torch:
+# no build isolation (an isolated build would fetch a CUDA torch), no ops compiled ahead (its CPU accelerator builds
+# the one it needs, shm_comm, with ninja at first use, in ~/.cache/torch_extensions).
+DS_LIB := .deepspeed
+$(DS_LIB)/.installed: $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation --no-deps --target $(DS_LIB) deepspeed==0.19.8 \
+		hjson==3.1.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2
+	touch $@
 
 # benchmarks/gpu_check.sh's steps on the CPU at tiny shapes, so that the first GPU run cannot fail on a typo.
 gpu-dry-run: $(STAMP)
@@ -131,4 +143,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(T36) $(VLLM_VENV) $(VERL_VENV) *.egg-info build dist
+	rm -rf $(VENV) $(T36) $(VLLM_VENV) $(VERL_VENV) $(DS_LIB) *.egg-info build dist
