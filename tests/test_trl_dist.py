@@ -4,8 +4,8 @@ from the same seed; each writes what it saw per rank).
 
 - Plain data parallel (DistributedType.MULTI_CPU) and DeepSpeed ZeRO-3 (DS_ACCELERATOR=cpu, gloo; the LM head's
   weight is partitioned when the loss starts and the trainer gathers it): 3 steps of dapo with the top-entropy
-  mask at quantile 0.5, TRL vs ours, plain, with PEFT LoRA on the attention projections and (ZeRO-3) an
-  untied biased head; TRACE trains in the same setups.
+  mask at quantile 0.5, TRL vs ours, plain, with PEFT LoRA on the attention projections, with gradient
+  accumulation 2 (data parallel) and with an untied biased head (ZeRO-3); TRACE trains in the same setups.
 - FSDP2: accelerate 1.15 selects FSDP only for accelerator devices (on a CPU its FSDP config gives 2
   independent processes), so torch's fully_shard shards the model (LM head weight a DTensor) and one fixed
   batch per rank goes through `_compute_loss`, against the same batch unsharded and against TRL.
@@ -69,7 +69,8 @@ def read(out: Path, name: str) -> list[dict]:
 def plain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     save_tiny_model(tmp / "model")
-    return launch(tmp, "plain", ["trl", "ours", "trace", "trl+lora", "ours+lora", "trl+fsdp2", "ours+fsdp2",
+    return launch(tmp, "plain", ["trl", "ours", "trace", "trl+lora", "ours+lora", "trl+ga2", "ours+ga2",
+                                 "trl+fsdp2", "ours+fsdp2",
                                  "trl+bias+fsdp2", "ours+bias+fsdp2", "trace+fsdp2"],
                   ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                    "--dynamo_backend", "no"], ["--steps", "3"])
@@ -154,6 +155,15 @@ def test_data_parallel_equals_trl(plain):
     assert ours[0]["losses"] != ours[1]["losses"]  # each rank its own rollouts
     assert_same_run(ref, ours)
     assert_cross_rank_quantile(ours)
+    assert_trained_in_step(ours)
+
+
+def test_gradient_accumulation_equals_trl(plain):
+    """dapo's normaliser across ranks and accumulation steps (num_items_in_batch / processes x GA / steps per
+    generation): 2 micro-batches per optimizer step, each rank's loss at each of them as TRL's."""
+    ref, ours = read(plain, "trl+ga2"), read(plain, "ours+ga2")
+    assert len(ours[0]["losses"]) == 6  # 3 steps x 2 micro-batches
+    assert_same_run(ref, ours)
     assert_trained_in_step(ours)
 
 

@@ -68,7 +68,8 @@ def privileged(row, diagnostic):
 
 def run(name: str, args, record: dict):
     """name: trl | ours | trace, then any of +lora (PEFT LoRA on the attention projections), +bias (an untied head
-    with a bias), +fsdp2 (torch's fully_shard on the trainer's model, then one fixed batch instead of training)."""
+    with a bias), +ga2 (gradient accumulation 2), +fsdp2 (torch's fully_shard on the trainer's model, then one fixed
+    batch instead of training)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -84,6 +85,8 @@ def run(name: str, args, record: dict):
                    beta=0.0, temperature=0.7, top_entropy_quantile=args.top_entropy_quantile)
     if args.ddp_backend:
         options["ddp_backend"] = args.ddp_backend
+    if "ga2" in mods:  # two micro-batches per optimizer step (and per generation: steps_per_generation = 2)
+        options["gradient_accumulation_steps"] = 2
     if base == "trace":
         options.update(trace_w0=0.5, trace_hold_steps=10, trace_decay_steps=10, trace_reverse_kl=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
