@@ -71,6 +71,11 @@ def test_unverified_transforms_are_refused_naming_the_attribute():
         head_map(config)
     with pytest.raises(ValueError, match="logit_scale"):
         head_map(transformers.CohereConfig(logit_scale=-1.0))
+    # MPT documents logit_scale as a scale but transformers' MPT forward never applies it: which one a checkpoint
+    # was trained with is unknown, so it is refused rather than guessed
+    with pytest.raises(ValueError, match="logit_scale.*'mpt'"):
+        head_map(transformers.MptConfig(logit_scale=2.0))
+    assert head_map(transformers.MptConfig()).identity
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -9,6 +9,7 @@ is refused with a ValueError naming it: a silently wrong loss is the one outcome
 
 Verified against transformers 5.x's modeling code (each model's ForCausalLM forward):
     logit_scale              Cohere, Cohere 2, Cohere 2 MoE, Cohere Compass      logits * s
+                             (MPT: documented as a scale, unused by its forward: refused when set)
     lm_head_multiplier       Falcon-H1                                           lm_head(h) * s
     output_multiplier        Muse Glimmer / Spark (then their softcap)           logits * s
     logits_scaling           Granite, GraniteMoE(-Shared, -Hybrid), Granite SWA  logits / s
@@ -27,7 +28,7 @@ import torch
 # (config attribute, its neutral value, what it does: "scale" | "inverse" | "softcap", the model types it is
 # verified for: None = every model type that has the attribute, else the model_type prefixes)
 LOGIT_TRANSFORMS = (
-    ("logit_scale", 1.0, "scale", None),
+    ("logit_scale", 1.0, "scale", ("cohere",)),  # MPT's config has one too, which transformers' MPT never applies
     ("lm_head_multiplier", 1.0, "scale", None),
     ("output_multiplier", 1.0, "scale", None),
     ("logits_scaling", 1.0, "inverse", ("granite",)),
