@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# DeepSpeed for the ZeRO-3 runs (below); set before test-jobs names it, since prerequisites expand as read
+DS_LIB := .deepspeed
 
 .PHONY: test pytest bench-smoke test-jobs test-other-cpu wheel-check gpu-dry-run test-heavy test-triton36 test-vllm \
 	test-verl demo study bench bench-memory bench-pytest lint clean
@@ -32,7 +34,6 @@ test-jobs: $(STAMP) $(DS_LIB)/.installed
 # and accelerate take other paths wherever it is importable). PyPI has only its source, whose build imports torch:
 # no build isolation (an isolated build would fetch a CUDA torch), no ops compiled ahead (its CPU accelerator builds
 # the one it needs, shm_comm, with ninja at first use, in ~/.cache/torch_extensions).
-DS_LIB := .deepspeed
 $(DS_LIB)/.installed: $(STAMP)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation --no-deps --target $(DS_LIB) deepspeed==0.19.8 \
 		hjson==3.1.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2
