@@ -5,9 +5,10 @@ hidden states and the LM-head weight, and `TraceGRPOConfig`, which turns it into
   loss type, beta, delta, GSPO, OPSM, the entropy mask and bonus, the adaptive entropy controller, the MoE
   aux loss, vLLM's importance sampling, gradient accumulation) within fp32 round-off, and TRL's metrics
   keep their meaning; losses with no `trace_loss` term take one extra no-grad LM-head sweep
-  (`trl_loss.fused_path`). The head's softcapping, scales and bias pass to `trace_loss` (heads.py). What it
-  cannot reproduce (an unverified logit transform, vision-language models) raises ValueError naming it when
-  the trainer is built (`trl_loss.unsupported_options`).
+  (`trl_loss.fused_path`). The head's softcapping, scales and bias pass to `trace_loss` (heads.py); a
+  vision-language model's images reach its backbone as TRL passes them, and its text head is the loss's.
+  What it cannot reproduce (an unverified logit transform) raises ValueError naming it when the trainer is
+  built (`trl_loss.unsupported_options`).
 - With `TraceGRPOConfig` it is TRACE: while lambda > 0 an annotator marks key spans of correct rollouts
   and error spans of incorrect ones; the same model, given a privileged prompt and no gradient, is the
   teacher on rollouts with spans; forward KL on key spans and reverse KL on error spans join the GRPO
@@ -38,6 +39,7 @@ from ..routing import cap_spans, lambda_at
 from .trl_loss import (
     fused_path,
     importance_weights,
+    multimodal_inputs,
     pg_weights,
     prepass_coefficients,
     router_aux_loss_fn,
@@ -123,6 +125,10 @@ class TraceGRPOTrainer(GRPOTrainer):
         self._trace = isinstance(self.args, TraceGRPOConfig)
         if self._trace and (annotator is None or privileged_prompt is None):
             errors.append("annotator and privileged_prompt are required with a TraceGRPOConfig")
+        columns = set(getattr(self.train_dataset, "column_names", None) or ())
+        if self._trace and columns & {"image", "images"}:
+            errors.append("TraceGRPOConfig: the dataset has image columns, but the teacher reads a text-only "
+                          "privileged prompt (use GRPOConfig for vision-language rollouts)")
         if not self._trace and (annotator is not None or privileged_prompt is not None):
             errors.append("annotator / privileged_prompt were given but args is not a TraceGRPOConfig")
         if errors:
@@ -246,11 +252,11 @@ class TraceGRPOTrainer(GRPOTrainer):
         return loss
 
     @staticmethod
-    def _completion_hidden(backbone, input_ids, attention_mask, t: int, **kwargs) -> torch.Tensor:
-        """[B, T, H] hidden states of the positions that predict the T completion tokens (and the backbone's
-        output, with kwargs such as output_router_logits)."""
+    def _completion_hidden(backbone, input_ids, attention_mask, t: int, **kwargs):
+        """([B, T, H] hidden states of the positions that predict the T completion tokens, the backbone's output);
+        kwargs: output_router_logits, a vision-language model's image inputs."""
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        return (out.last_hidden_state[:, -t - 1:-1], out) if kwargs else out.last_hidden_state[:, -t - 1:-1]
+        return out.last_hidden_state[:, -t - 1:-1], out
 
     def _loss_in_forward(self, unwrapped, inputs):
         hf_model = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
@@ -261,13 +267,16 @@ class TraceGRPOTrainer(GRPOTrainer):
         b, t = completion_ids.shape
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        media = multimodal_inputs(inputs)
+        if media and self._trace:
+            raise ValueError("TraceGRPOConfig: the teacher reads a text-only privileged prompt, so rollouts with "
+                             f"image inputs ({', '.join(media)}) cannot be distilled; use GRPOConfig for them")
         aux_loss = None
+        if self._router_aux_loss is not None:  # the MoE load-balancing loss, as TRL's fused head computes it
+            media["output_router_logits"] = True
         with self.accelerator.autocast():
-            if self._router_aux_loss is None:
-                hidden = self._completion_hidden(backbone, input_ids, attention_mask, t)
-            else:  # the MoE load-balancing loss, as TRL's fused head computes it (trl_loss.router_aux_loss_fn)
-                hidden, out = self._completion_hidden(backbone, input_ids, attention_mask, t,
-                                                      output_router_logits=True)
+            hidden, out = self._completion_hidden(backbone, input_ids, attention_mask, t, **media)
+            if self._router_aux_loss is not None:
                 aux_loss = self._router_aux_loss(out.router_logits, attention_mask)
         weight, bias = hf_model.get_output_embeddings().weight, head_bias(hf_model)
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it once, differentiably
@@ -315,7 +324,7 @@ class TraceGRPOTrainer(GRPOTrainer):
         ids = torch.cat([inputs["trace_teacher_prompt_ids"][sel], inputs["completion_ids"][sel]], dim=1)
         att = torch.cat([inputs["trace_teacher_prompt_mask"][sel], inputs["completion_mask"][sel]], dim=1)
         with torch.no_grad(), self.accelerator.autocast():
-            th = self._completion_hidden(backbone, ids, att, t)
+            th = self._completion_hidden(backbone, ids, att, t)[0]
         teacher_hidden = th[marked[sel]].to(dtype)
         kl_index = marked.reshape(-1).nonzero().squeeze(1)
         kinds = span.reshape(-1)[kl_index]

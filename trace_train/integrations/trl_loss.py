@@ -43,9 +43,6 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
         errors.append(f"router_aux_loss_coef: {type(model).__name__}'s config has no output_router_logits, "
                       "num_experts and num_experts_per_tok to compute the MoE load-balancing loss from; set "
                       "router_aux_loss_coef=0.0")
-    text_config = model.config.get_text_config()
-    if text_config is not model.config:
-        errors.append("model: vision-language models are not supported (text-only causal LMs)")
     head = model.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         errors.append("model: no output embedding (LM head) weight to read")
@@ -59,6 +56,18 @@ def unsupported_options(args, model, aux_loss_enabled: bool = False) -> list[str
     except ValueError as e:
         errors.append(f"model config: {e}")
     return errors
+
+
+# The inputs TRL 1.16's `_compute_loss` hands a vision-language model's forward (`_get_per_token_logps_and_entropies`
+# slices them per chunk of rows; our loss runs on the whole micro-batch, so they pass whole). The counts
+# `num_images` / `num_tiles` only steer TRL's slicing and are not model inputs.
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def multimodal_inputs(inputs: dict) -> dict:
+    """The multimodal model inputs present in a TRL micro-batch (empty for text-only batches)."""
+    return {k: inputs[k] for k in MULTIMODAL_KEYS if inputs.get(k) is not None}
 
 
 def router_aux_loss_fn(model):
