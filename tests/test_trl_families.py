@@ -43,13 +43,14 @@ FALCON_H1 = dict(head_dim=16, lm_head_multiplier=0.37, mamba_d_ssm=32, mamba_n_h
 CHAT_ROWS = {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]}
 # family: (config class, model class, config options, attention implementation, dataset rows, GRPOConfig options)
 FAMILIES = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), None, CHAT_ROWS, dict(loss_type="dr_grpo")),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16), None, CHAT_ROWS,
+              dict(loss_type="dr_grpo", delta=1.1)),  # delta below 1 + epsilon_high: TRL's cap on r
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16), None, None, dict(loss_type="grpo", beta=0.04)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0,
                                                          attn_logit_softcapping=50.0), "eager", CHAT_ROWS,
-               dict(loss_type="dapo")),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0), None, None,
                dict(loss_type="bnpo")),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0), None, None,
+               dict(loss_type="vespo")),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25), None, CHAT_ROWS,
                dict(loss_type="cispo", epsilon_high=5.0)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=8.0, embedding_multiplier=2.0,
