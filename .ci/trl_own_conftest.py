@@ -1,0 +1,76 @@
+"""conftest.py that `.ci/trl_own_tests.py` puts above a copy of TRL's tests package (never committed with TRL's
+files). The hub names resolve through the offline hub cache the driver wrote (HF_HUB_OFFLINE=1, HF_HUB_CACHE);
+`trl-internal-testing/zen` through `trl_standins.load_zen`. With TRL_OWN_TESTS_TRAINER=trace, `trl.GRPOTrainer`
+is TraceGRPOTrainer before the test module imports it, so every test builds ours."""
+
+import os
+import signal
+import sys
+
+import pytest
+
+sys.path.insert(0, os.environ["TRL_STANDINS_DIR"])
+
+import datasets  # noqa: E402
+import trl  # noqa: E402
+import trl.import_utils as trl_import_utils  # noqa: E402
+from trl_standins import load_zen  # noqa: E402
+
+# The test file's helpers come from TRL's main branch, which checks optional packages that TRL 1.16 does not
+# name; those packages are absent here, so their tests are skipped as on a machine without them.
+for _name in ("is_joblib_available",):
+    if not hasattr(trl_import_utils, _name):
+        setattr(trl_import_utils, _name, lambda: False)
+
+_load_dataset = datasets.load_dataset
+
+
+def _offline_load_dataset(path, name=None, *args, split=None, streaming=False, **kwargs):
+    if path == "trl-internal-testing/zen":
+        return load_zen(name, split, streaming)
+    return _load_dataset(path, name, *args, split=split, streaming=streaming, **kwargs)
+
+
+# The test module does `from datasets import load_dataset` after this file is imported.
+datasets.load_dataset = _offline_load_dataset
+
+TRAINER = os.environ.get("TRL_OWN_TESTS_TRAINER", "trl")
+if TRAINER == "trace":
+    from trace_train.integrations.trl import TraceGRPOTrainer
+
+    trl.GRPOTrainer = TraceGRPOTrainer
+EXPECTED = trl.GRPOTrainer
+
+
+def pytest_report_header(config):
+    return f"trl_own_tests: GRPOTrainer is {EXPECTED.__module__}.{EXPECTED.__name__}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # The swap must have reached the test module, or the second pass would silently test TRL again.
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "GRPOTrainer") and module.GRPOTrainer is not EXPECTED:
+            raise pytest.UsageError(f"{module.__name__}.GRPOTrainer is {module.GRPOTrainer}, not {EXPECTED}")
+
+
+class _TestTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TestTimeout(f"test ran over TRL_OWN_TESTS_TIMEOUT={os.environ.get('TRL_OWN_TESTS_TIMEOUT')} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    # pytest-timeout is not installed here: an alarm per test keeps one hung test from stalling a pass.
+    limit = int(os.environ.get("TRL_OWN_TESTS_TIMEOUT", "0"))
+    if limit:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(limit)
+    try:
+        yield
+    finally:
+        if limit:
+            signal.alarm(0)
