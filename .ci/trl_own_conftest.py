@@ -8,6 +8,7 @@ import signal
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.environ["TRL_STANDINS_DIR"])
 
@@ -21,6 +22,19 @@ from trl_standins import load_zen  # noqa: E402
 for _name in ("is_joblib_available",):
     if not hasattr(trl_import_utils, _name):
         setattr(trl_import_utils, _name, lambda: False)
+
+# liger-kernel is installed here, but its kernels are Triton GPU kernels, and once applied they stay patched into
+# transformers' model modules for every later test. Without a GPU it is hidden, as on a machine without it
+# (its tests are skipped; the ones that expect an ImportError without it get one).
+if not torch.cuda.is_available():
+    import transformers.trainer  # noqa: F401
+    import trl.trainer.grpo_trainer  # noqa: F401
+
+    sys.modules["liger_kernel"] = None
+    for _module in list(sys.modules.values()):
+        if getattr(_module, "__name__", "").startswith(("transformers", "trl")) and \
+                hasattr(_module, "is_liger_kernel_available"):
+            _module.is_liger_kernel_available = lambda *args, **kwargs: False
 
 _load_dataset = datasets.load_dataset
 

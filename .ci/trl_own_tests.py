@@ -38,7 +38,8 @@ def prepare(tests_dir: Path, work: Path) -> None:
     shutil.copy(HERE / "trl_own_conftest.py", work / "conftest.py")
     hub = work / "hub"
     if not hub.exists():
-        code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import trl_standins as s; s.build_hub_cache({str(hub)!r})"
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import trl_standins as s; "
+                f"s.build_hub_cache({str(hub)!r})")
         subprocess.run([sys.executable, "-c", code], check=True, env=environment(work, "trl", 0),
                        stdout=subprocess.DEVNULL)
 

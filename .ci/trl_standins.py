@@ -33,12 +33,14 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 # hub name -> (architecture, config class, config kwargs beyond DENSE)
 CAUSAL_LMS = {
-    "trl-internal-testing/tiny-Qwen2ForCausalLM-2.5": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
+    "trl-internal-testing/tiny-Qwen2ForCausalLM-2.5": ("Qwen2ForCausalLM", "Qwen2Config",
+                                                       dict(tie_word_embeddings=True)),
     "trl-internal-testing/tiny-Qwen3ForCausalLM": ("Qwen3ForCausalLM", "Qwen3Config", dict(tie_word_embeddings=True)),
     "trl-internal-testing/tiny-Qwen3MoeForCausalLM": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
                                                       dict(MOE, output_router_logits=True, router_aux_loss_coef=0.001)),
     "trl-internal-testing/tiny-Cohere2ForCausalLM": ("Cohere2ForCausalLM", "Cohere2Config",
-                                                     dict(logit_scale=0.5, sliding_window=16, sliding_window_pattern=2)),
+                                                     dict(logit_scale=0.5, sliding_window=16,
+                                                          sliding_window_pattern=2)),
     "trl-internal-testing/tiny-Gemma2ForCausalLM": ("Gemma2ForCausalLM", "Gemma2Config",
                                                     dict(final_logit_softcapping=30.0, sliding_window=16)),
     "trl-internal-testing/tiny-GptOssForCausalLM": ("GptOssForCausalLM", "GptOssConfig",
