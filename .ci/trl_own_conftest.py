@@ -3,6 +3,7 @@ files). The hub names resolve through the offline hub cache the driver wrote (HF
 `trl-internal-testing/zen` through `trl_standins.load_zen`. With TRL_OWN_TESTS_TRAINER=trace, `trl.GRPOTrainer`
 is TraceGRPOTrainer before the test module imports it, so every test builds ours."""
 
+import json
 import os
 import signal
 import sys
@@ -55,6 +56,26 @@ if TRAINER == "trace":
     trl.GRPOTrainer = TraceGRPOTrainer
 EXPECTED = trl.GRPOTrainer
 
+# How often each test ran the pass's `_compute_loss` (the driver checks ours ran wherever TRL's did).
+_LOSS_CALLS: dict[str, int] = {}
+_CURRENT = [""]
+_compute_loss = EXPECTED._compute_loss
+
+
+def _counted_compute_loss(self, model, inputs):
+    _LOSS_CALLS[_CURRENT[0]] = _LOSS_CALLS.get(_CURRENT[0], 0) + 1
+    return _compute_loss(self, model, inputs)
+
+
+EXPECTED._compute_loss = _counted_compute_loss
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("TRL_OWN_TESTS_CALLS")
+    if path:
+        with open(path, "w") as f:
+            json.dump(_LOSS_CALLS, f, indent=1)
+
 
 def pytest_report_header(config):
     return f"trl_own_tests: GRPOTrainer is {EXPECTED.__module__}.{EXPECTED.__name__}"
@@ -79,6 +100,7 @@ def _alarm(signum, frame):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     # pytest-timeout is not installed here: an alarm per test keeps one hung test from stalling a pass.
+    _CURRENT[0] = item.nodeid
     limit = int(os.environ.get("TRL_OWN_TESTS_TIMEOUT", "0"))
     if limit:
         signal.signal(signal.SIGALRM, _alarm)

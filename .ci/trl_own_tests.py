@@ -13,6 +13,7 @@ with ours, unless it is one of KNOWN (the differences docs/development.md explai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -56,12 +57,15 @@ def environment(work: Path, trainer: str, timeout: int) -> dict:
 
 
 def run_pass(work: Path, trainer: str, timeout: int, keyword: str | None, extra: list[str]) -> dict[str, tuple]:
-    report = work / f"{trainer}.xml"
+    """test id -> (outcome, reason, number of `_compute_loss` calls)."""
+    report, calls = work / f"{trainer}.xml", work / f"{trainer}_loss_calls.json"
     cmd = [sys.executable, "-m", "pytest", f"tests/{TEST_FILE}", "-p", "no:cacheprovider", "-q", "-rN",
            f"--junitxml={report}", "-o", "junit_family=xunit1"] + (["-k", keyword] if keyword else []) + extra
+    env = dict(environment(work, trainer, timeout), TRL_OWN_TESTS_CALLS=str(calls))
     with open(work / f"{trainer}.log", "w") as log:
-        subprocess.run(cmd, cwd=work, env=environment(work, trainer, timeout), stdout=log, stderr=subprocess.STDOUT)
-    return outcomes(report)
+        subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    counted = {node.split("::", 1)[1]: n for node, n in json.loads(calls.read_text()).items()} if calls.exists() else {}
+    return {test_id: (o, why, counted.get(test_id, 0)) for test_id, (o, why) in outcomes(report).items()}
 
 
 def outcomes(report: Path) -> dict[str, tuple]:
@@ -83,7 +87,9 @@ def outcomes(report: Path) -> dict[str, tuple]:
 
 def counts(result: dict[str, tuple]) -> str:
     names = ("passed", "failed", "skipped", "xfailed")
-    return ", ".join(f"{sum(1 for o, _ in result.values() if o == n)} {n}" for n in names)
+    text = ", ".join(f"{sum(1 for r in result.values() if r[0] == n)} {n}" for n in names)
+    ran = [r[2] for r in result.values() if r[2]]
+    return f"{text}; _compute_loss ran in {len(ran)} tests ({sum(ran)} calls)"
 
 
 def main() -> int:
@@ -105,7 +111,10 @@ def main() -> int:
     trl, ours = results["trl"], results["trace"]
     unexpected = 0
     for test_id in sorted(set(trl) | set(ours)):
-        a, b = trl.get(test_id, ("absent", "")), ours.get(test_id, ("absent", ""))
+        a, b = trl.get(test_id, ("absent", "", 0)), ours.get(test_id, ("absent", "", 0))
+        if a[0] == b[0] == "passed" and a[2] and not b[2]:  # passing without our loss would prove nothing
+            unexpected += 1
+            print(f"DIFF {test_id}: passes, but TraceGRPOTrainer._compute_loss never ran UNEXPECTED")
         if a[0] == b[0]:
             continue
         known = next((why for prefix, why in KNOWN.items() if test_id.startswith(prefix)), None)

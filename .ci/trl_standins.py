@@ -15,17 +15,21 @@ import string
 from pathlib import Path
 
 COMMIT = "0" * 40
-SPECIALS = ("<pad>", "<eos>", "<unk>")
+# Qwen2.5's vocabulary size and special ids: TRL's tests hand-write completions with pad 151643 / eos 151645, and
+# rely on a random model over this vocabulary almost never sampling EOS within 8 tokens.
+VOCAB_SIZE, PAD_ID, START_ID, EOS_ID = 151665, 151643, 151644, 151645
+SPECIALS = {PAD_ID: "<|endoftext|>", START_ID: "<|im_start|>", EOS_ID: "<|im_end|>"}
 # Accepts (and ignores) chat-template kwargs such as Qwen3's enable_thinking, like the hub templates do.
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
-# Our own prompts with the column layout of trl-internal-testing/zen (17 train rows, 2 test rows).
-ZEN_TRAIN = ["Simple code is", "Readable code is", "A flat list is", "Sparse text is", "Errors should",
-             "Explicit names are", "Now is better", "Namespaces are", "One obvious way", "Special cases",
-             "Practicality beats", "In the face of", "If it is hard", "If it is easy", "Nested loops are",
-             "Beautiful code is", "Complex code is"]
-ZEN_TEST = ["Although never is", "Unless silenced"]
+# zen's layout: a `prompt` column, 17 train rows and 2 test rows, fragments of PEP 20 (public domain). The first 12
+# train rows are the ones TRL's test_prepare_input_called_with_correct_data names, in its order; the rest ours.
+ZEN_TRAIN = ["Beautiful is better than", "Explicit is", "Simple is better", "Complex", "Flat is better than",
+             "Sparse is better", "Readability", "Special cases aren't special", "Although practicality beats",
+             "Errors should never", "Unless explicitly", "In the face of ambiguity, refuse", "There should be one",
+             "Although that way may not", "Now is better than", "Although never is", "If the implementation"]
+ZEN_TEST = ["Namespaces are one", "If the implementation is easy"]
 
 DENSE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, head_dim=8, max_position_embeddings=256)
@@ -90,12 +94,15 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # One token per printable character, then filler tokens (never produced by encoding; decodable when sampled).
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r")) + ["<unk>"]
+    names = [SPECIALS.get(i) or (chars[i] if i < len(chars) else f"<|x{i}|>") for i in range(VOCAB_SIZE)]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(names)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[PAD_ID], eos_token=SPECIALS[EOS_ID],
+                                   unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": [SPECIALS[START_ID]]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
