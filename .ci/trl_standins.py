@@ -5,7 +5,7 @@ folder (`models--org--name/snapshots/<commit>/`), so that with HF_HUB_OFFLINE=1 
 hub name resolves to them and `config._name_or_path` stays the hub name. All share one character tokenizer
 with a chat template (TRL's tiny models are random too; only the architecture and the tokenizer's role matter).
 Datasets: `zen`'s prompt-only configs (train / test splits, a `prompt` column), built in memory by
-`load_zen`. Vision-language names are not built (the integration refuses those models; docs/trl.md).
+`load_zen`. Vision-language names and `zen-image` are not built (a VLM is tested in tests/test_trl_families.py).
 """
 
 from __future__ import annotations
