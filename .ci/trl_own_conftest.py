@@ -16,7 +16,7 @@ sys.path.insert(0, os.environ["TRL_STANDINS_DIR"])
 import datasets  # noqa: E402
 import trl  # noqa: E402
 import trl.import_utils as trl_import_utils  # noqa: E402
-from trl_standins import load_zen  # noqa: E402
+from trl_standins import load_zen, load_zen_image  # noqa: E402
 
 # The test file's helpers come from TRL's main branch, which checks optional packages that TRL 1.16 does not
 # name; those packages are absent here, so their tests are skipped as on a machine without them.
@@ -43,6 +43,8 @@ _load_dataset = datasets.load_dataset
 def _offline_load_dataset(path, name=None, *args, split=None, streaming=False, **kwargs):
     if path == "trl-internal-testing/zen":
         return load_zen(name, split, streaming)
+    if path == "trl-internal-testing/zen-image":
+        return load_zen_image(name, split, streaming)
     return _load_dataset(path, name, *args, split=split, streaming=streaming, **kwargs)
 
 

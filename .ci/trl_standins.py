@@ -5,7 +5,8 @@ folder (`models--org--name/snapshots/<commit>/`), so that with HF_HUB_OFFLINE=1 
 hub name resolves to them and `config._name_or_path` stays the hub name. All share one character tokenizer
 with a chat template (TRL's tiny models are random too; only the architecture and the tokenizer's role matter).
 Datasets: `zen`'s prompt-only configs (train / test splits, a `prompt` column), built in memory by
-`load_zen`. Vision-language names and `zen-image` are not built (a VLM is tested in tests/test_trl_families.py).
+`load_zen`. One vision-language model, Gemma 3's (tests/vlm_setup.py), and `zen-image` (`load_zen_image`); the other
+VLM names and `zen-multi-image` are not built.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ DENSE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_atte
              num_key_value_heads=1, head_dim=8, max_position_embeddings=256)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
+VLM = "trl-internal-testing/tiny-Gemma3ForConditionalGeneration"  # the one vision-language stand-in
 # hub name -> (architecture, config class, config kwargs beyond DENSE)
 CAUSAL_LMS = {
     "trl-internal-testing/tiny-Qwen2ForCausalLM-2.5": ("Qwen2ForCausalLM", "Qwen2Config",
@@ -163,7 +165,30 @@ def build_hub_cache(cache: str | Path) -> list[str]:
     (folder / "configuration_remote.py").write_text(REMOTE_CONFIG_PY)
     (folder / "modeling_remote.py").write_text(REMOTE_MODELING_PY)
     written.append(REMOTE)
+    import sys  # the Gemma 3 image-text model of tests/test_trl_families.py (its own tokenizer and processor)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from vlm_setup import save_tiny_gemma3_vlm
+
+    save_tiny_gemma3_vlm(_snapshot(cache, VLM), seed=300)
+    written.append(VLM)
     return written
+
+
+def load_zen_image(config_name: str | None = None, split: str | None = None, streaming: bool = False):
+    """`load_dataset("trl-internal-testing/zen-image", "conversational_prompt_only", split=...)`: zen's prompts
+    with one random image each (the `image` column), as the hub dataset lays them out."""
+    import sys
+
+    from datasets import Dataset, DatasetDict
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from vlm_setup import vlm_rows
+
+    if config_name != "conversational_prompt_only" or streaming:
+        raise FileNotFoundError(f"stand-in zen-image has no config {config_name!r} (streaming={streaming})")
+    splits = {"train": Dataset.from_dict(vlm_rows(ZEN_TRAIN)), "test": Dataset.from_dict(vlm_rows(ZEN_TEST))}
+    return splits[split] if split is not None else DatasetDict(splits)
 
 
 def load_zen(config_name: str | None = None, split: str | None = None, streaming: bool = False):

@@ -30,10 +30,11 @@ transformers = pytest.importorskip("transformers")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl_setup import CHAT_TEMPLATE, PROMPTS, digit_reward, loss_and_grads  # noqa: E402
+from vlm_setup import save_tiny_gemma3_vlm, vlm_rows  # noqa: E402
 
 from trace_train.integrations.trl import TraceGRPOTrainer  # noqa: E402
 from trace_train.integrations.trl_loss import MULTIMODAL_KEYS  # noqa: E402
-from trace_train.model import ALPHABET, SPECIALS, build_char_tokenizer  # noqa: E402
+from trace_train.model import build_char_tokenizer  # noqa: E402
 
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
               max_position_embeddings=128)
@@ -65,11 +66,6 @@ FAMILIES = {
                 None, None, dict(loss_type="luspo")),  # GPT-OSS's config: router_aux_loss_coef 0.001, TRL adds it
     "gemma3_vlm": (None, None, None, None, None, dict(loss_type="dapo", beta=0.04)),
 }
-VLM_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-VLM_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{% if m['content'] is string %}{{ m['content'] }}"
-                "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
-                "{% if add_generation_prompt %}a:{% endif %}")
 TIMING = ("time", "runtime", "per_second", "flos")
 
 
@@ -87,49 +83,6 @@ def _save_text_model(family: str, folder) -> None:
     tok.save_pretrained(folder)
 
 
-def _save_vlm(folder) -> None:
-    """A tiny Gemma 3 image-text model (one-layer SigLIP tower on 28 x 28 images, one token per image) and its
-    processor: the character tokenizer plus Gemma 3's image tokens, and the PIL image processor."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Gemma3Processor, PreTrainedTokenizerFast
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *VLM_TOKENS.values(), *sorted(set(ALPHABET))])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    split = "|".join(VLM_TOKENS.values()) + r"|[\s\S]"
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
-                                  extra_special_tokens=VLM_TOKENS)
-    tok.chat_template = VLM_TEMPLATE
-    images = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, do_pan_and_scan=False)
-    processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=VLM_TEMPLATE, image_seq_length=1)
-    text = dict(COMMON, vocab_size=len(tok), head_dim=16, final_logit_softcapping=2.0, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, bos_token_id=None)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
-                                       boi_token_index=tok.boi_token_id, image_token_index=tok.image_token_id,
-                                       eoi_token_index=tok.convert_tokens_to_ids(VLM_TOKENS["eoi_token"]))
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # initialised to zeros, which would cut the images off: a trained model's is not
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-def _vlm_rows() -> dict:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray((rng.rand(32, 40, 3) * 255).astype("uint8")) for _ in PROMPTS]
-    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in PROMPTS]
-    return {"prompt": prompts, "image": images}
-
-
 def _trainer(cls, family: str, path: str, out_dir, **overrides):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
@@ -142,7 +95,7 @@ def _trainer(cls, family: str, path: str, out_dir, **overrides):
     auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=torch.float32, **({"attn_implementation": attn} if attn else {}))
     processing = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(path)
-    rows = _vlm_rows() if vlm else (rows or {"prompt": PROMPTS})
+    rows = vlm_rows(PROMPTS) if vlm else (rows or {"prompt": PROMPTS})
     return cls(model=model, reward_funcs=digit_reward, args=args, train_dataset=Dataset.from_dict(rows),
                processing_class=processing)
 
@@ -154,7 +107,7 @@ def saved(tmp_path_factory):
     def get(family: str) -> str:
         if family not in paths:
             folder = tmp_path_factory.mktemp(family)
-            _save_vlm(folder) if family.endswith("_vlm") else _save_text_model(family, folder)
+            save_tiny_gemma3_vlm(folder) if family.endswith("_vlm") else _save_text_model(family, folder)
             paths[family] = str(folder)
         return paths[family]
     return get
@@ -244,7 +197,7 @@ def test_trace_refuses_image_rollouts(saved, tmp_path):
                            per_device_train_batch_size=4, num_generations=2, max_completion_length=6)
     with pytest.raises(ValueError, match="image columns"):
         TraceGRPOTrainer(model=AutoModelForImageTextToText.from_pretrained(path), reward_funcs=digit_reward,
-                         args=args, train_dataset=Dataset.from_dict(_vlm_rows()),
+                         args=args, train_dataset=Dataset.from_dict(vlm_rows(PROMPTS)),
                          processing_class=AutoProcessor.from_pretrained(path),
                          annotator=lambda jobs, rows, seeds: ([None] * len(jobs), 0),
                          privileged_prompt=lambda row, diagnostic: row["prompt"])
