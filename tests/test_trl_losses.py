@@ -21,7 +21,14 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from trl import GRPOTrainer  # noqa: E402
-from trl_setup import PROMPTS, loss_and_grads, make_trainer, random_batch, save_tiny_model  # noqa: E402
+from trl_setup import (  # noqa: E402
+    PROMPTS,
+    assert_logs_agree,
+    loss_and_grads,
+    make_trainer,
+    random_batch,
+    save_tiny_model,
+)
 
 from trace_train.integrations.trl import TraceGRPOTrainer  # noqa: E402
 
@@ -283,7 +290,6 @@ def test_router_aux_loss_equal_trl(request, tmp_path, family, loss_type, accumul
     assert router, "the router gets the aux loss's gradient"
 
 
-TIMING = ("time", "runtime", "per_second", "flos")
 CHAT_ROWS = {"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]}
 RUNS = {  # a union of the options above, each trained a few steps by both trainers
     # conversational prompts (the tokenizer's chat template), the dense model
@@ -313,12 +319,7 @@ def test_few_steps_train_like_trl(model_path, moe_path, tmp_path, run):
             before = {n: p.detach().clone() for n, p in trainers[0].model.named_parameters()}
         trainers[-1].train()
     logs = [[h for h in t.state.log_history if "loss" in h] for t in trainers]
-    assert len(logs[0]) == len(logs[1]) == 3
-    for ref_log, log in zip(*logs):
-        keys = [k for k in ref_log if not any(s in k for s in TIMING)]
-        assert set(keys) <= set(log), set(keys) - set(log)
-        for key in keys:
-            assert log[key] == pytest.approx(ref_log[key], rel=1e-4, abs=1e-6), (key, log[key], ref_log[key])
+    assert_logs_agree(*logs, steps=3)
     params = [dict(t.model.named_parameters()) for t in trainers]
     moved = [n for n, p in params[0].items() if not torch.equal(p, before[n])]
     assert len(moved) > 5

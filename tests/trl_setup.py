@@ -3,6 +3,7 @@ when beta > 0), and TRL trainers built on it for the CPU. Nothing is downloaded.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trace_train.config import ModelConfig
@@ -79,3 +80,17 @@ def loss_and_grads(trainer, inputs, accumulation: int = 1):
                                                  for k, v in inputs.items()})
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+TIMING = ("time", "runtime", "per_second", "flos")
+
+
+def assert_logs_agree(ref_logs: list[dict], logs: list[dict], steps: int) -> None:
+    """Two trainers' per-step log entries: `steps` of each, every logged metric but the timings of the reference
+    present in ours and equal to 1e-4 relative (1e-6 absolute, for values near 0)."""
+    assert len(ref_logs) == len(logs) == steps
+    for ref_log, log in zip(ref_logs, logs):
+        keys = [k for k in ref_log if not any(s in k for s in TIMING)]
+        assert set(keys) <= set(log), set(keys) - set(log)
+        for key in keys:
+            assert log[key] == pytest.approx(ref_log[key], rel=1e-4, abs=1e-6), (key, log[key], ref_log[key])
